@@ -1,0 +1,16 @@
+"""The student trained alone on labels (the "S" / "S-DNN" rows of the papers)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Distiller, StepInfo, cross_entropy
+
+
+class Baseline(Distiller):
+    name = "baseline"
+    needs_teacher = False
+
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo):
+        logits = self.student(images)
+        return logits, {"loss_ce": cross_entropy(logits, labels)}

@@ -1,0 +1,212 @@
+"""The training engine: runs any `Distiller` for a recipe's epochs.
+
+Per epoch it reports the mean of every loss term, the method's diagnostics,
+train and validation accuracy, and writes a checkpoint that a resumed run
+continues from (same batches, same random state). A non-finite loss ends the
+run with status `diverged` and the term that went bad. On CUDA it trains in
+bf16 autocast with channels_last; on CPU in float32 with `recipe.num_threads`
+(default: torch's own, i.e. OMP_NUM_THREADS or all cores).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kdarena.zoo.data import BatchLoader, Dataset, Split
+
+from .base import Distiller, StepInfo
+from .recipe import Recipe
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 0-based
+    losses: dict[str, float]
+    train_acc: float
+    val_acc: float
+    lr: float
+    seconds: float
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    status: Literal["completed", "diverged"]
+    history: list[EpochResult]
+    reason: str | None = None
+    test_acc: float | None = None
+
+    @property
+    def val_acc(self) -> float | None:
+        """Validation accuracy after the last epoch run (final, not best)."""
+        return self.history[-1].val_acc if self.history else None
+
+    @property
+    def best_val_acc(self) -> float | None:
+        return max((e.val_acc for e in self.history), default=None)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                               nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base lr at optimiser step `step`: warm-up, then the schedule."""
+    total = recipe.epochs * steps_per_epoch
+    warmup = recipe.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if recipe.schedule == "cosine":
+        progress = (step - warmup) / max(1.0, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if recipe.schedule == "step":
+        epoch = step / steps_per_epoch
+        return recipe.gamma ** sum(epoch >= m * recipe.epochs for m in recipe.milestones)
+    return 1.0
+
+
+def evaluate(model: nn.Module, loader: BatchLoader) -> float:
+    """Top-1 accuracy of `model` over a loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode(), _autocast(loader.device):
+        for images, labels in loader:
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += int(labels.numel())
+    model.train(was_training)
+    return correct / max(1, total)
+
+
+def eval_loader(split: Split, data: Dataset, device: torch.device, batch_size: int = 512) -> BatchLoader:
+    return BatchLoader(split, batch_size=batch_size, mean=data.mean, std=data.std, device=device,
+                       channels_last=device.type == "cuda")
+
+
+def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.device | None = None,
+        checkpoint_path: Path | None = None, evaluate_test: bool = True,
+        on_epoch: Callable[[EpochResult], None] | None = None,
+        on_batch: Callable[[int, int], None] | None = None) -> FitResult:
+    """Train `distiller.student` (and its training-only modules) for `recipe.epochs`.
+
+    With `checkpoint_path`, a checkpoint is written after every epoch and, if
+    one is already there, training continues from it. `on_epoch` sees each
+    epoch run now (not those restored); `on_batch(done, total)` each step.
+    Test accuracy is measured once, after the last epoch of a completed run.
+    """
+    device = device or pick_device()
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    cuda = device.type == "cuda"
+    distiller.to(device)
+    if distiller.teacher is not None:
+        distiller.teacher.to(device).eval()
+        distiller.teacher.requires_grad_(False)
+    if cuda:
+        distiller.to(memory_format=torch.channels_last)
+
+    train_loader = BatchLoader(data.train, batch_size=recipe.batch_size, mean=data.mean, std=data.std,
+                               device=device, shuffle=True, augment=data.augment, seed=recipe.seed,
+                               channels_last=cuda)
+    val_loader = eval_loader(data.val, data, device)
+    steps_per_epoch = len(train_loader)
+    optimizer = build_optimizer(distiller.student_optimizer_parameters(), recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, steps_per_epoch))
+
+    history: list[EpochResult] = []
+    start_epoch = 0
+    if checkpoint_path is not None and checkpoint_path.exists():
+        start_epoch, history = _restore(checkpoint_path, distiller, optimizer, scheduler)
+
+    for epoch in range(start_epoch, recipe.epochs):
+        t0 = time.perf_counter()
+        distiller.train()
+        train_loader.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=device)
+        seen = 0
+        for i, (images, labels) in enumerate(train_loader):
+            step = StepInfo(epoch, recipe.epochs, epoch * steps_per_epoch + i, steps_per_epoch)
+            distiller.aux_step(images, labels, step)
+            with _autocast(device):
+                logits, losses = distiller.forward_train(images, labels, step)
+            optimizer.zero_grad(set_to_none=True)
+            distiller.backward(losses, step)
+            optimizer.step()
+            scheduler.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0) + value.detach().float() * labels.numel()
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.numel()
+            if on_batch is not None:
+                on_batch(i + 1, steps_per_epoch)
+        losses_mean = {name: float(total) / seen for name, total in sums.items()}
+        bad = [name for name, value in losses_mean.items() if not math.isfinite(value)]
+        if bad:
+            reason = f"non-finite {bad[0]} ({losses_mean[bad[0]]}) in epoch {epoch + 1}"
+            return FitResult("diverged", history, reason=reason)
+        result = EpochResult(
+            epoch=epoch, losses=losses_mean, train_acc=float(correct) / seen,
+            val_acc=evaluate(distiller.student, val_loader), lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - t0, diagnostics=distiller.pop_diagnostics(),
+        )
+        history.append(result)
+        if checkpoint_path is not None:
+            _save(checkpoint_path, epoch + 1, history, distiller, optimizer, scheduler)
+        if on_epoch is not None:
+            on_epoch(result)
+
+    test_acc = evaluate(distiller.student, eval_loader(data.test, data, device)) if evaluate_test else None
+    return FitResult("completed", history, test_acc=test_acc)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _save(path: Path, epochs_done: int, history: list[EpochResult], distiller: Distiller,
+          optimizer: torch.optim.Optimizer, scheduler) -> None:
+    state = {
+        "epochs_done": epochs_done,
+        "history": [asdict(e) for e in history],
+        "distiller": distiller.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "aux_optimizers": {k: o.state_dict() for k, o in distiller.aux_optimizers().items()},
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint
+
+
+def _restore(path: Path, distiller: Distiller, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, list[EpochResult]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    distiller.load_state_dict(state["distiller"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for name, opt in distiller.aux_optimizers().items():
+        opt.load_state_dict(state["aux_optimizers"][name])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["epochs_done"], [EpochResult(**e) for e in state["history"]]

@@ -1,0 +1,146 @@
+"""The `kdarena` command line: a thin layer over the train job and the registries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdarena.zoo.errors import UserError
+
+# MLflow announces schema migrations at INFO on every new store: noise for a CLI user
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+app = typer.Typer(help="kdarena: search knowledge-distillation methods and rank the students they make.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: UserError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config; omit for the zero-download default (digits, kd, CNN→CNN)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a field: --set method.params.alpha=0.5 (repeatable)")] = [],
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with the results, nothing else on stdout")] = False,
+) -> None:
+    """Distil one student from one teacher and record the run in MLflow."""
+    from .config import apply_overrides, load_yaml, parse_config
+    from .tracking import resolve_tracking_uri
+
+    try:
+        raw = load_yaml(config) if config is not None else {}
+        raw = apply_overrides(raw, set_)
+        cfg = parse_config(raw, str(config or "default config"))
+        uri = resolve_tracking_uri(tracking_uri)
+        from .progress import TrainProgress
+        from .train_job import run_train
+
+        with TrainProgress(enabled=not as_json and err.is_terminal, console=err) as progress:
+            summary = run_train(cfg, uri, progress.callbacks(), source_config=raw)
+    except UserError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(_jsonable(summary), sort_keys=True))
+        return
+    _print_summary(summary, uri)
+    if summary["status"] != "completed":
+        raise typer.Exit(1)
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no NaN: unmeasured figures print as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _print_summary(s: dict[str, Any], uri: str) -> None:
+    table = Table(title=f"{s['method']}: {s['teacher'] or '—'} → {s['student']} on {s['dataset']}", show_header=False)
+    rows = [("status", s["status"] + (f" ({s['reason']})" if s["reason"] else "")),
+            ("val_acc (final epoch)", _pct(s["val_acc"])), ("test_acc", _pct(s["test_acc"])),
+            ("teacher test_acc", _pct(s["teacher_test_acc"])),
+            ("params", f"{s['params']:,}"), ("MACs", f"{s['macs']:,}"), ("latency (CPU, batch 1)", f"{s['latency_ms']:.3f} ms"),
+            ("training-only params", f"{s['extra_params']:,}"),
+            ("teacher sha256", (s["teacher_sha256"] or "—")[:16]), ("MLflow run", s["run_id"])]
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+    out.print(f"Recorded in {uri}; browse with `mlflow ui --backend-store-uri {uri}`.", highlight=False)
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}%"
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List the model zoo with params and MACs at each model's default input."""
+    from kdarena.zoo.cost import profile_cost
+    from kdarena.zoo.models import MODELS, build_model
+
+    rows = []
+    for name, entry in sorted(MODELS.items()):
+        model = build_model(name, num_classes=entry.num_classes, in_channels=entry.in_channels, input_size=entry.input_size)
+        cost = profile_cost(model, in_channels=entry.in_channels, input_size=entry.input_size, latency_repeats=0)
+        rows.append({"name": name, "params": cost.params, "macs": cost.macs, "flops": cost.flops,
+                     "input": [entry.in_channels, entry.input_size, entry.input_size], "num_classes": entry.num_classes,
+                     "summary": entry.summary})
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("model", "params", "MACs", "input (C×H×W), classes", "")
+    for r in rows:
+        c, h, w = r["input"]
+        table.add_row(r["name"], f"{r['params']:,}", f"{r['macs']:,}", f"{c}×{h}×{w}, {r['num_classes']}", r["summary"])
+    out.print(table)
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List the distillation methods with their defaults and search spaces."""
+    from kdarena.methods import METHODS
+    from kdarena.methods.space import COMMON_SPACE
+
+    rows = [{"name": name, "needs_teacher": m.needs_teacher, "defaults": m.Params().model_dump(mode="json"),
+             "space": {k: d.to_json() for k, d in (m.space | COMMON_SPACE).items()},
+             "doc": (sys.modules[m.__module__].__doc__ or "").strip().splitlines()[0]}
+            for name, m in METHODS.items()]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("method", "defaults", "search space", "")
+    for r in rows:
+        space = ", ".join(f"{k} {_dim(d)}" for k, d in r["space"].items())
+        defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items()) or "—"
+        table.add_row(r["name"], defaults, space, r["doc"])
+    out.print(table)
+
+
+def _dim(d: dict[str, Any]) -> str:
+    if d["type"] == "categorical":
+        return "{" + ", ".join(map(str, d["choices"])) + "}"
+    return f"[{d['low']:g}, {d['high']:g}]" + (" log" if d["log"] else "")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

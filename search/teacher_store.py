@@ -1,0 +1,147 @@
+"""The teacher store: every teacher trained once, saved with its sha256, reused.
+
+A teacher is named by a hash of what determines its weights (architecture,
+options, dataset split, recipe, seed). Its file is written atomically and
+its sha256 kept beside it; a load verifies that sha256 and reads tensors
+only (`weights_only=True`), so a changed or crafted file is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdarena.methods.engine import FitResult
+from kdarena.zoo.errors import UserError
+from kdarena.zoo.models import StagedModel
+
+from .config import DatasetConfig, TeacherConfig
+
+STORE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KDARENA_CACHE", Path.home() / ".cache" / "kdarena")) / "teachers"
+
+
+def teacher_key(teacher: TeacherConfig, dataset: DatasetConfig) -> str:
+    """Content hash of everything that determines a trained teacher's weights."""
+    identity = {
+        "format": STORE_FORMAT,
+        "arch": teacher.arch,
+        "options": teacher.options,
+        "dataset": {"name": dataset.name, "val_fraction": dataset.val_fraction, "split_seed": dataset.split_seed},
+        "recipe": teacher.recipe.model_dump(exclude={"num_threads"}),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class StoredTeacher:
+    model: StagedModel
+    key: str  # content hash of (arch, options, dataset, recipe, seed); "" for a user checkpoint
+    sha256: str  # of the weights file
+    path: Path
+    val_acc: float | None
+    test_acc: float | None
+    trained_now: bool  # False when it came from the store or a user file
+
+
+def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, what: str) -> str:
+    """Load a state_dict file into `model`; verify its sha256; return the sha256."""
+    if not path.is_file():
+        raise UserError(f"{what}: file not found: {path}; pass an existing weights file")
+    sha = file_sha256(path)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise UserError(f"{what}: {path} fails its sha256 check (expected {expected_sha256[:16]}…, got {sha[:16]}…): "
+                        "the file changed since it was saved; delete it to retrain, or restore the original")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for crafted pickles, RuntimeError for truncated zips, …
+        raise UserError(f"{what}: {path} is not a loadable weights file ({type(exc).__name__}); kdarena loads tensors only") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{what}: {path} holds a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{what}: {path} does not fit this architecture ({first}); check teacher.arch and teacher.options") from None
+    return sha
+
+
+@contextmanager
+def _locked(path: Path):
+    """One process trains a given teacher; others wait and then load it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_writable(cache_dir: Path) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"teacher cache {cache_dir} is not writable ({exc.strerror}); set cache_dir to a writable folder "
+                        "or KDARENA_CACHE") from None
+
+
+def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, cache_dir: Path,
+                build: Callable[[], StagedModel], train: Callable[[StagedModel], FitResult]) -> StoredTeacher:
+    """The teacher of a config: the user's checkpoint, the stored one, or trained now and stored.
+
+    `build` makes a fresh (seeded) model, `train` trains it and returns the fit.
+    """
+    model = build()
+    if teacher.checkpoint is not None:
+        path = Path(teacher.checkpoint).expanduser()
+        sha = load_weights(model, path, None, "teacher.checkpoint")
+        return StoredTeacher(model, "", sha, path, None, None, trained_now=False)
+
+    key = teacher_key(teacher, dataset)
+    weights = cache_dir / f"{key}.pt"
+    meta_path = cache_dir / f"{key}.json"
+    with _locked(cache_dir / f"{key}.lock"):
+        if meta_path.exists() and weights.exists():
+            meta = json.loads(meta_path.read_text())
+            load_weights(model, weights, meta["sha256"], f"stored teacher {key}")
+            return StoredTeacher(model, key, meta["sha256"], weights, meta.get("val_acc"), meta.get("test_acc"), False)
+        check_writable(cache_dir)
+        result = train(model)
+        if result.status != "completed":
+            raise UserError(f"the teacher diverged while training ({result.reason}); lower teacher.recipe.lr")
+        tmp = weights.with_name(weights.name + ".partial")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, weights)
+        sha = file_sha256(weights)
+        meta = {"key": key, "sha256": sha, "arch": teacher.arch, "options": teacher.options,
+                "dataset": dataset.model_dump(), "recipe": teacher.recipe.model_dump(),
+                "val_acc": result.val_acc, "test_acc": result.test_acc}
+        tmp_meta = meta_path.with_name(meta_path.name + ".partial")
+        tmp_meta.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_meta, meta_path)  # the sidecar last: without it the weights are not "stored"
+        return StoredTeacher(model, key, sha, weights, result.val_acc, result.test_acc, trained_now=True)

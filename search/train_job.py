@@ -1,0 +1,208 @@
+"""One teacher→student distillation, recorded in MLflow: what `kdarena train` runs.
+
+Order matters for "nothing half-done": the config, the dataset, the models,
+the method's fit to the pair and the tracking store are all checked before
+any training; an MLflow run is opened only then, and closed as FAILED or
+KILLED if anything goes wrong after.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from kdarena.methods import Distiller, PairInfo, get_method
+from kdarena.methods.baseline import Baseline
+from kdarena.methods.engine import EpochResult, FitResult, eval_loader, evaluate, fit, pick_device
+from kdarena.methods.recipe import Recipe
+from kdarena.zoo.cost import profile_cost
+from kdarena.zoo.data import Dataset, load_dataset
+from kdarena.zoo.errors import UserError
+from kdarena.zoo.models import StagedModel, build_model, stage_shapes
+
+from .config import ModelConfig, TrainConfig
+from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
+from .tracking import flatten, source_commit
+
+ROLE_TAG = "kdarena.role"
+
+
+@dataclass
+class Callbacks:
+    """What a caller (the CLI's progress bars) wants to see while training."""
+
+    start: Callable[[str, int, int], None] = lambda label, epochs, steps: None
+    batch: Callable[[int, int], None] = lambda done, total: None
+    epoch: Callable[[str, EpochResult], None] = lambda label, result: None
+
+
+def make_model(spec: ModelConfig, data: Dataset, seed: int) -> StagedModel:
+    """Build `spec` for `data`'s shape; the seed fixes its initial weights."""
+    torch.manual_seed(seed)
+    return build_model(spec.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                       input_size=data.input_size, **spec.options)
+
+
+def pair_info(student: StagedModel, teacher: StagedModel, data: Dataset) -> PairInfo:
+    return PairInfo(stage_shapes(student, data.in_channels, data.input_size),
+                    stage_shapes(teacher, data.in_channels, data.input_size),
+                    data.num_classes, data.in_channels, data.input_size)
+
+
+def build_distiller(cfg: TrainConfig, data: Dataset, teacher: StagedModel | None) -> Distiller:
+    """Student + method, or a UserError naming why the method cannot apply to this pair."""
+    method = get_method(cfg.method.name)
+    params = cfg.method_params()
+    student = make_model(cfg.student, data, cfg.train.seed)
+    probe_teacher = teacher if teacher is not None else make_model(cfg.teacher, data, cfg.teacher.recipe.seed)
+    pair = pair_info(student, probe_teacher, data)
+    why = method.check_pair(params, pair)
+    if why:
+        raise UserError(f"method '{method.name}' cannot distil teacher '{cfg.teacher.arch}' into student "
+                        f"'{cfg.student.arch}': {why}")
+    torch.manual_seed(cfg.train.seed + 1)  # training-only modules: seeded apart from the student
+    return method(student, teacher if method.needs_teacher else None, params, pair)
+
+
+def _train_teacher(cfg: TrainConfig, data: Dataset, callbacks: Callbacks, tracking_uri: str,
+                   device: torch.device) -> Callable[[StagedModel], FitResult]:
+    def train(model: StagedModel) -> FitResult:
+        recipe: Recipe = cfg.teacher.recipe
+        experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
+        distiller = Baseline(model, None, Baseline.Params(), pair_info(model, model, data))
+        label = f"teacher {cfg.teacher.arch}"
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"teacher-{cfg.teacher.arch}-{cfg.dataset.name}",
+                              tags={ROLE_TAG: "teacher"}):
+            mlflow.log_params(flatten("teacher", cfg.teacher.model_dump(exclude={"checkpoint"})) | {"dataset": cfg.dataset.name})
+            callbacks.start(label, recipe.epochs, 0)
+            result = fit(distiller, data, recipe, device=device, on_batch=callbacks.batch,
+                         on_epoch=lambda e: (_log_epoch(e), callbacks.epoch(label, e)))
+            if result.test_acc is not None:
+                mlflow.log_metric("test_acc", result.test_acc)
+            mlflow.set_tag("kdarena.status", result.status)
+        model.eval()
+        return result
+    return train
+
+
+def _log_epoch(e: EpochResult) -> None:
+    metrics = {"val_acc": e.val_acc, "train_acc": e.train_acc, "lr": e.lr, "epoch_seconds": e.seconds}
+    metrics |= {f"train_{k}": v for k, v in e.losses.items()}
+    metrics |= {f"diag_{k}": v for k, v in e.diagnostics.items()}
+    mlflow.log_metrics(metrics, step=e.epoch + 1)
+
+
+def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None = None,
+              source_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Distil one student as `cfg` says; return the summary `kdarena train --json` prints."""
+    callbacks = callbacks or Callbacks()
+    device = pick_device()
+    data = load_dataset(cfg.dataset.name, root=cfg.dataset.root, val_fraction=cfg.dataset.val_fraction,
+                        split_seed=cfg.dataset.split_seed, download=cfg.dataset.download)
+    method = get_method(cfg.method.name)
+    build_distiller(cfg, data, None)  # the pair check, before any training or recording
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+    mlflow.set_tracking_uri(tracking_uri)
+
+    teacher: StoredTeacher | None = None
+    if method.needs_teacher or cfg.teacher.checkpoint:
+        # the store is opened only to record a teacher being trained: a bad
+        # checkpoint is refused before anything is written anywhere
+        teacher = get_teacher(cfg.teacher, cfg.dataset, cache_dir,
+                              build=lambda: make_model(cfg.teacher, data, cfg.teacher.recipe.seed),
+                              train=_train_teacher(cfg, data, callbacks, tracking_uri, device))
+        if teacher.val_acc is None:  # a user checkpoint: measure it, it is part of the record
+            teacher.model.to(device)
+            teacher.val_acc = evaluate(teacher.model, eval_loader(data.val, data, device))
+            teacher.test_acc = evaluate(teacher.model, eval_loader(data.test, data, device))
+    distiller = build_distiller(cfg, data, teacher.model if teacher else None)
+
+    run_name = f"{cfg.method.name}-{cfg.student.arch}-{cfg.dataset.name}"
+    experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={ROLE_TAG: "train"}) as run:
+        try:
+            summary = _train_and_record(cfg, data, distiller, teacher, device, callbacks, source_config)
+        except KeyboardInterrupt:
+            mlflow.end_run(status="KILLED")
+            raise
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+    return {"run_id": run.info.run_id} | summary
+
+
+def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, teacher: StoredTeacher | None,
+                      device: torch.device, callbacks: Callbacks, source_config: dict[str, Any] | None) -> dict[str, Any]:
+    resolved = cfg.model_dump(mode="json")
+    resolved["method"]["params"] = distiller.params.model_dump(mode="json")
+    mlflow.log_params(flatten("", {k: v for k, v in resolved.items() if k != "teacher"})
+                      | flatten("teacher", {k: v for k, v in resolved["teacher"].items()}))
+    tags = {"kdarena.method": cfg.method.name, "kdarena.student": cfg.student.arch, "kdarena.dataset": cfg.dataset.name,
+            "kdarena.teacher": cfg.teacher.arch if teacher else ""}
+    if teacher:
+        tags |= {"kdarena.teacher_sha256": teacher.sha256, "kdarena.teacher_key": teacher.key}
+    commit = source_commit()
+    if commit:
+        tags["kdarena.git_commit"] = commit
+    mlflow.set_tags(tags)
+    mlflow.log_dict(resolved, "config.json")
+    if source_config is not None:
+        mlflow.log_dict(source_config, "config_source.json")
+
+    label = f"{cfg.method.name} → {cfg.student.arch}"
+    callbacks.start(label, cfg.train.epochs, 0)
+    result = fit(distiller, data, cfg.train, device=device, on_batch=callbacks.batch,
+                 on_epoch=lambda e: (_log_epoch(e), callbacks.epoch(label, e)))
+    cost = profile_cost(distiller.student, in_channels=data.in_channels, input_size=data.input_size)
+    final = {"params": cost.params, "flops": cost.flops, "macs": cost.macs, "latency_ms": cost.latency_ms,
+             "extra_params": distiller.extra_params(), "epochs_completed": len(result.history)}
+    if result.val_acc is not None:
+        final |= {"final_val_acc": result.val_acc, "best_val_acc": result.best_val_acc}
+    if result.test_acc is not None:
+        final["test_acc"] = result.test_acc
+    if teacher and teacher.val_acc is not None:
+        final |= {"teacher_val_acc": teacher.val_acc, "teacher_test_acc": teacher.test_acc}
+    mlflow.log_metrics({k: float(v) for k, v in final.items() if v is not None})
+    mlflow.set_tag("kdarena.status", result.status)
+    if result.reason:
+        mlflow.set_tag("kdarena.reason", result.reason)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "student.pt"
+        torch.save(distiller.student.state_dict(), path)
+        mlflow.log_artifact(str(path))
+    if result.status != "completed":
+        mlflow.end_run(status="FAILED")
+
+    return {
+        "status": result.status, "reason": result.reason,
+        "method": cfg.method.name, "student": cfg.student.arch, "teacher": cfg.teacher.arch if teacher else None,
+        "dataset": cfg.dataset.name, "val_acc": result.val_acc, "best_val_acc": result.best_val_acc,
+        "test_acc": result.test_acc, "params": cost.params, "flops": cost.flops, "macs": cost.macs,
+        "latency_ms": cost.latency_ms, "extra_params": final["extra_params"],
+        "teacher_sha256": teacher.sha256 if teacher else None,
+        "teacher_val_acc": teacher.val_acc if teacher else None, "teacher_test_acc": teacher.test_acc if teacher else None,
+        "teacher_trained_now": teacher.trained_now if teacher else False,
+        "method_params": distiller.params.model_dump(mode="json"),
+    }
+
+
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """The experiment's id, created here (one writer) before anything else writes to the store.
+
+    With a sqlite store, artifacts go beside the database (`mlartifacts/`), not
+    wherever the command happened to run.
+    """
+    exp = mlflow.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)

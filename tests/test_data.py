@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import torch
+
+from kdarena.zoo.data import Augment, BatchLoader, load_dataset, random_crop, random_flip
+
+
+def _ids(split) -> set[bytes]:
+    return {bytes(img.flatten().tolist()) + bytes([int(lbl)]) for img, lbl in zip(split.images, split.labels)}
+
+
+def test_digits_splits_are_disjoint_uint8_and_sized(digits):
+    assert digits.train.images.dtype == torch.uint8
+    assert digits.train.images.shape[1:] == (1, 8, 8)
+    assert len(digits.train) + len(digits.val) + len(digits.test) == 1797
+    assert abs(len(digits.val) - 0.1 * (len(digits.train) + len(digits.val))) <= 1
+    # the index sets are disjoint by construction; check the content too (digits has a few duplicate images)
+    train, val, test = _ids(digits.train), _ids(digits.val), _ids(digits.test)
+    overlap = len(train & val) + len(train & test) + len(val & test)
+    assert overlap <= 5
+
+
+def test_split_is_deterministic_and_seeded():
+    a, b = load_dataset("digits", split_seed=3), load_dataset("digits", split_seed=3)
+    c = load_dataset("digits", split_seed=4)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.val.labels, b.val.labels)
+    assert not torch.equal(a.val.labels, c.val.labels)
+    # the test split never depends on the validation seed
+    assert torch.equal(a.test.images, c.test.images)
+
+
+def test_loader_epoch_order_depends_only_on_seed_and_epoch(digits):
+    def labels(epoch: int) -> torch.Tensor:
+        loader = BatchLoader(digits.train, batch_size=64, mean=digits.mean, std=digits.std, shuffle=True, seed=7)
+        loader.set_epoch(epoch)
+        return torch.cat([y for _, y in loader])
+
+    assert torch.equal(labels(2), labels(2))
+    assert not torch.equal(labels(1), labels(2))
+    assert sorted(labels(1).tolist()) == sorted(digits.train.labels.tolist())
+
+
+def test_loader_normalises_with_train_statistics(digits):
+    loader = BatchLoader(digits.train, batch_size=10_000, mean=digits.mean, std=digits.std)
+    x, _ = next(iter(loader))
+    assert x.dtype == torch.float32
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2
+
+
+def test_random_crop_shifts_each_image_by_its_own_offset():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
+    out = random_crop(x, 2, gen)
+    assert out.shape == x.shape
+    for img, src in zip(out, x):
+        nonzero = img[img != 0]
+        # every visible pixel comes from the source image, in order along rows
+        assert set(nonzero.tolist()) <= set(src.flatten().tolist())
+
+
+def test_random_flip_mirrors_about_half():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(1000 * 4, dtype=torch.float32).view(1000, 1, 1, 4)
+    out = random_flip(x, gen)
+    flipped = (out[:, 0, 0, 0] != x[:, 0, 0, 0]).float().mean()
+    assert 0.4 < float(flipped) < 0.6
+    assert torch.equal(out[out[:, 0, 0, 0] != x[:, 0, 0, 0]], x[out[:, 0, 0, 0] != x[:, 0, 0, 0]].flip(3))
+
+
+def test_natural_image_augmentation_changes_batches_but_not_eval(digits):
+    aug = BatchLoader(digits.train, batch_size=32, mean=digits.mean, std=digits.std, augment=Augment(2, True), seed=1)
+    plain = BatchLoader(digits.train, batch_size=32, mean=digits.mean, std=digits.std)
+    xa, ya = next(iter(aug))
+    xp, yp = next(iter(plain))
+    assert torch.equal(ya, yp) and not torch.equal(xa, xp)

@@ -1,0 +1,181 @@
+"""`kdarena train` end to end: the JSON, the MLflow record, the teacher store, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from kdarena.search.cli import app
+
+FAST = ["--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"]
+
+
+def _train(*args: str):
+    return CliRunner().invoke(app, ["train", *args], catch_exceptions=False)
+
+
+def _write(tmp_path: Path, doc, name: str = "cfg.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return str(path)
+
+
+def _runs(tmp_path: Path):
+    if not (tmp_path / "mlflow.db").exists():
+        return None, []
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exps = client.search_experiments()
+    return client, client.search_runs([e.experiment_id for e in exps]) if exps else []
+
+
+def test_train_kd_prints_json_and_records_everything(cache_env, tmp_path):
+    result = _train("--json", *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    for key in ("run_id", "method", "student", "teacher", "dataset", "val_acc", "test_acc", "params", "flops",
+                "macs", "teacher_sha256", "latency_ms"):
+        assert summary[key] is not None, key
+    assert summary["method"] == "kd" and summary["dataset"] == "digits"
+    assert summary["macs"] * 2 == summary["flops"]
+
+    client, runs = _runs(tmp_path)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == "kd"
+    assert float(run.data.params["method.params.temperature"]) == 4.0
+    assert run.data.params["teacher.arch"] == "cnn"
+    for metric in ("test_acc", "params", "flops", "macs", "latency_ms", "teacher_val_acc", "teacher_test_acc",
+                   "extra_params"):
+        assert metric in run.data.metrics, metric
+    assert run.data.metrics["test_acc"] == pytest.approx(summary["test_acc"])
+    history = client.get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2]
+    assert {"train_loss_ce", "train_loss_kd"} <= set(run.data.metrics)
+    assert run.data.tags["kdarena.teacher_sha256"] == summary["teacher_sha256"]
+    assert run.data.tags["kdarena.status"] == "completed"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"student.pt", "config.json"} <= artifacts
+    # the artifact is a loadable state_dict of the deployed student
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="student.pt",
+                                                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    state = torch.load(local, weights_only=True)
+    assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == summary["params"]
+    # the teacher was trained and recorded once, as its own run
+    assert sum(r.data.tags.get("kdarena.role") == "teacher" for r in runs) == 1
+
+
+def test_teacher_store_reuses_and_rejects_tampered_file(cache_env, tmp_path):
+    first = json.loads(_train("--json", *FAST).stdout)
+    second = json.loads(_train("--json", *FAST, "--set", "method.params.alpha=0.5").stdout)
+    assert first["teacher_trained_now"] and not second["teacher_trained_now"]
+    assert first["teacher_sha256"] == second["teacher_sha256"]
+    _, runs = _runs(tmp_path)
+    assert sum(r.data.tags.get("kdarena.role") == "teacher" for r in runs) == 1
+
+    (weights,) = (cache_env / "teachers").glob("*.pt")
+    blob = bytearray(weights.read_bytes())
+    blob[-100] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    result = _train(*FAST)
+    assert result.exit_code == 2
+    assert "sha256" in result.stderr and "delete it to retrain" in result.stderr
+
+
+def test_user_teacher_checkpoint_is_used_and_hashed(cache_env, tmp_path):
+    from kdarena.zoo.models import build_model
+
+    teacher = build_model("cnn", num_classes=10, in_channels=1, input_size=8, channels=32)
+    path = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), path)
+    out = json.loads(_train("--json", *FAST, "--set", f"teacher.checkpoint={path}").stdout)
+    import hashlib
+    assert out["teacher_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not out["teacher_trained_now"]
+    assert not (cache_env / "teachers").exists() or not list((cache_env / "teachers").glob("*.pt"))
+
+
+def test_baseline_needs_no_teacher(cache_env):
+    out = json.loads(_train("--json", "--set", "method.name=baseline", "--set", "train.epochs=2").stdout)
+    assert out["teacher"] is None and out["teacher_sha256"] is None
+    assert not (cache_env / "teachers").exists()
+
+
+BAD_INPUTS = {
+    "missing file": (None, "config file not found"),
+    "malformed yaml": ("dataset: [digits\nmethod: kd\n", "malformed YAML at line"),
+    "top level not a mapping": ("- a\n- b\n", "top level"),
+    "unknown model": ({"student": {"arch": "resnet9000"}}, "known models:"),
+    "unknown method": ({"method": {"name": "magic"}}, "known methods: baseline, kd"),
+    "unknown dataset": ({"dataset": {"name": "imagenet22k"}}, "known datasets: digits"),
+    "unknown field": ({"trian": {"epochs": 3}}, "trian: unknown field"),
+    "unknown method param": ({"method": {"name": "kd", "params": {"temprature": 3}}}, "method.params.temprature"),
+    "epochs zero": ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than 0"),
+    "teacher epochs negative": ({"teacher": {"arch": "cnn", "recipe": {"epochs": -1}}}, "teacher.recipe.epochs"),
+    "temperature zero": ({"method": {"name": "kd", "params": {"temperature": 0}}}, "method.params.temperature"),
+    "alpha above one": ({"method": {"name": "kd", "params": {"alpha": 1.5}}}, "method.params.alpha"),
+    "alpha wrong type": ({"method": {"name": "kd", "params": {"alpha": "high"}}}, "method.params.alpha"),
+    "unknown model option": ({"student": {"arch": "cnn", "options": {"wings": 2}}}, "has no option 'wings'"),
+    "dataset absent offline": ({"dataset": {"name": "mnist", "root": "EMPTY", "download": False}}, "train-images-idx3-ubyte"),
+    "corrupt teacher checkpoint": ({"teacher": {"arch": "cnn", "checkpoint": "GARBAGE"}}, "not a loadable weights file"),
+    "missing teacher checkpoint": ({"teacher": {"arch": "cnn", "checkpoint": "NOPE.pt"}}, "file not found"),
+    "mismatched teacher checkpoint": ({"teacher": {"arch": "cnn", "options": {"channels": 4}, "checkpoint": "MISMATCH"}},
+                                      "does not fit this architecture"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_clear_message(case, cache_env, tmp_path):
+    doc, expected = BAD_INPUTS[case]
+    if doc is None:
+        path = str(tmp_path / "nope.yaml")
+    else:
+        text = doc if isinstance(doc, str) else yaml.safe_dump(doc)
+        (tmp_path / "EMPTY").mkdir()
+        (tmp_path / "GARBAGE").write_bytes(b"\x80\x04not a checkpoint at all")
+        from kdarena.zoo.models import build_model
+        torch.save(build_model("cnn", num_classes=10, in_channels=1, input_size=8, channels=32).state_dict(),
+                   tmp_path / "MISMATCH")
+        text = text.replace("EMPTY", str(tmp_path / "EMPTY")).replace("GARBAGE", str(tmp_path / "GARBAGE"))
+        text = text.replace("MISMATCH", str(tmp_path / "MISMATCH"))
+        path = _write(tmp_path, text)
+    result = _train(path)  # bad input never gets as far as training
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) <= 3  # one message (rich may wrap a long line)
+    client, runs = _runs(tmp_path)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert not list(cache_env.rglob("*.partial"))
+
+
+def test_bad_set_override_and_unreachable_tracking_server(cache_env):
+    result = _train("--set", "train.epochs")
+    assert result.exit_code == 2 and "expected KEY=VALUE" in result.stderr
+    result = _train("--tracking-uri", "http://127.0.0.1:9", *FAST)
+    assert result.exit_code == 2 and "unreachable" in result.stderr
+
+
+def test_console_script_exit_code_and_json(cache_env, tmp_path):
+    exe = Path(sys.executable).parent / "kdarena"
+    bad = subprocess.run([str(exe), "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "config file not found" in bad.stderr and bad.stdout == ""
+
+
+def test_models_and_methods_listings():
+    models = json.loads(CliRunner().invoke(app, ["models", "--json"]).stdout)
+    by_name = {m["name"]: m for m in models}
+    assert by_name["resnet20"]["params"] == pytest.approx(278_324, rel=0.02)
+    methods = json.loads(CliRunner().invoke(app, ["methods", "--json"]).stdout)
+    kd = next(m for m in methods if m["name"] == "kd")
+    assert kd["defaults"] == {"temperature": 4.0, "alpha": 0.9}
+    assert kd["space"]["temperature"] == {"type": "float", "low": 1.0, "high": 20.0, "log": True}
+    assert "lr" in kd["space"] and "weight_decay" in kd["space"]

@@ -1,0 +1,1 @@
+"""Teachers and students, datasets, and cost profiling. Depends on nothing else in kdarena."""
