@@ -13,15 +13,6 @@ from kdarena.zoo.models import build_model
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids sync overhead (and contention with other jobs); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cost(name: str, *, num_classes: int, in_channels: int, input_size: int, **options) -> Cost:
     model = build_model(name, num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)
     return profile_cost(model, in_channels=in_channels, input_size=input_size, latency_repeats=0)

@@ -11,15 +11,6 @@ from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import MODELS, StagedModel, build_model, stage_shapes
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids sync overhead (and contention with other jobs); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 MLP_LIKE = {"mlp"}
 
 
