@@ -1,0 +1,1 @@
+"""Performance measurements, runnable by anyone: `python -m benchmarks.NAME`."""
