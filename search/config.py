@@ -56,6 +56,7 @@ def _teacher_recipe() -> Recipe:
 
 class TeacherConfig(ModelConfig):
     checkpoint: str | None = Field(None, description="a local state_dict file to use instead of training")
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="the teacher weights' expected sha256")
     recipe: Recipe = Field(default_factory=_teacher_recipe)
 
 

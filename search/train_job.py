@@ -26,7 +26,7 @@ from kdarena.zoo.data import Dataset, load_dataset
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import StagedModel, build_model, stage_shapes
 
-from .config import ModelConfig, TrainConfig
+from .config import DatasetConfig, ModelConfig, TeacherConfig, TrainConfig
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
 from .tracking import flatten, source_commit
 
@@ -40,6 +40,10 @@ class Callbacks:
     start: Callable[[str, int, int], None] = lambda label, epochs, steps: None
     batch: Callable[[int, int], None] = lambda done, total: None
     epoch: Callable[[str, EpochResult], None] = lambda label, result: None
+
+
+def teacher_cache_dir(configured: str | None) -> Path:
+    return Path(configured).expanduser() if configured else default_cache_dir()
 
 
 def make_model(spec: ModelConfig, data: Dataset, seed: int) -> StagedModel:
@@ -70,16 +74,17 @@ def build_distiller(cfg: TrainConfig, data: Dataset, teacher: StagedModel | None
     return method(student, teacher if method.needs_teacher else None, params, pair)
 
 
-def _train_teacher(cfg: TrainConfig, data: Dataset, callbacks: Callbacks, tracking_uri: str,
-                   device: torch.device) -> Callable[[StagedModel], FitResult]:
+def _train_teacher(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, data: Dataset, experiment: str,
+                   tracking_uri: str, callbacks: Callbacks, device: torch.device) -> Callable[[StagedModel], FitResult]:
     def train(model: StagedModel) -> FitResult:
-        recipe: Recipe = cfg.teacher.recipe
-        experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
+        recipe: Recipe = teacher_cfg.recipe
+        experiment_id = ensure_experiment(experiment, tracking_uri)
         distiller = Baseline(model, None, Baseline.Params(), pair_info(model, model, data))
-        label = f"teacher {cfg.teacher.arch}"
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"teacher-{cfg.teacher.arch}-{cfg.dataset.name}",
+        label = f"teacher {teacher_cfg.arch}"
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"teacher-{teacher_cfg.arch}-{dataset_cfg.name}",
                               tags={ROLE_TAG: "teacher"}):
-            mlflow.log_params(flatten("teacher", cfg.teacher.model_dump(exclude={"checkpoint"})) | {"dataset": cfg.dataset.name})
+            mlflow.log_params(flatten("teacher", teacher_cfg.model_dump(exclude={"checkpoint", "sha256"}))
+                              | {"dataset": dataset_cfg.name})
             callbacks.start(label, recipe.epochs, 0)
             result = fit(distiller, data, recipe, device=device, on_batch=callbacks.batch,
                          on_epoch=lambda e: (_log_epoch(e), callbacks.epoch(label, e)))
@@ -89,6 +94,32 @@ def _train_teacher(cfg: TrainConfig, data: Dataset, callbacks: Callbacks, tracki
         model.eval()
         return result
     return train
+
+
+def resolve_teacher(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, data: Dataset, cache_dir: Path,
+                    experiment: str, tracking_uri: str, callbacks: Callbacks, device: torch.device) -> StoredTeacher:
+    """The teacher a config names, from the user's file or the store, trained (and recorded) if missing.
+
+    MLflow is opened only to record a teacher being trained, so a bad
+    checkpoint is refused before anything is written anywhere.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    teacher = get_teacher(teacher_cfg, dataset_cfg, cache_dir,
+                          build=lambda: make_model(teacher_cfg, data, teacher_cfg.recipe.seed),
+                          train=_train_teacher(teacher_cfg, dataset_cfg, data, experiment, tracking_uri, callbacks, device))
+    if teacher_cfg.sha256 and teacher.sha256 != teacher_cfg.sha256:
+        raise UserError(f"teacher.sha256: the config expects teacher {teacher_cfg.sha256[:16]}… but {teacher.path} is "
+                        f"{teacher.sha256[:16]}…; point teacher.checkpoint at the original file or drop teacher.sha256")
+    if teacher.val_acc is None:  # a user checkpoint: measure it, it is part of the record
+        teacher.model.to(device)
+        teacher.val_acc = evaluate(teacher.model, eval_loader(data.val, data, device))
+        teacher.test_acc = evaluate(teacher.model, eval_loader(data.test, data, device))
+    return teacher
+
+
+def load_config_dataset(ds: DatasetConfig) -> Dataset:
+    return load_dataset(ds.name, root=ds.root, val_fraction=ds.val_fraction, split_seed=ds.split_seed,
+                        download=ds.download)
 
 
 def _log_epoch(e: EpochResult) -> None:
@@ -103,25 +134,13 @@ def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None =
     """Distil one student as `cfg` says; return the summary `kdarena train --json` prints."""
     callbacks = callbacks or Callbacks()
     device = pick_device()
-    data = load_dataset(cfg.dataset.name, root=cfg.dataset.root, val_fraction=cfg.dataset.val_fraction,
-                        split_seed=cfg.dataset.split_seed, download=cfg.dataset.download)
+    data = load_config_dataset(cfg.dataset)
     method = get_method(cfg.method.name)
     build_distiller(cfg, data, None)  # the pair check, before any training or recording
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-
-    mlflow.set_tracking_uri(tracking_uri)
-
     teacher: StoredTeacher | None = None
     if method.needs_teacher or cfg.teacher.checkpoint:
-        # the store is opened only to record a teacher being trained: a bad
-        # checkpoint is refused before anything is written anywhere
-        teacher = get_teacher(cfg.teacher, cfg.dataset, cache_dir,
-                              build=lambda: make_model(cfg.teacher, data, cfg.teacher.recipe.seed),
-                              train=_train_teacher(cfg, data, callbacks, tracking_uri, device))
-        if teacher.val_acc is None:  # a user checkpoint: measure it, it is part of the record
-            teacher.model.to(device)
-            teacher.val_acc = evaluate(teacher.model, eval_loader(data.val, data, device))
-            teacher.test_acc = evaluate(teacher.model, eval_loader(data.test, data, device))
+        teacher = resolve_teacher(cfg.teacher, cfg.dataset, data, teacher_cache_dir(cfg.cache_dir), cfg.experiment,
+                                  tracking_uri, callbacks, device)
     distiller = build_distiller(cfg, data, teacher.model if teacher else None)
 
     run_name = f"{cfg.method.name}-{cfg.student.arch}-{cfg.dataset.name}"
