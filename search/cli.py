@@ -89,6 +89,62 @@ def _pct(v: float | None) -> str:
 
 
 @app.command()
+def sweep(
+    file: Annotated[Path | None, typer.Argument(help="sweep YAML file")] = None,
+    preset: Annotated[str | None, typer.Option(help="a shipped sweep instead of a file: quickstart")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; default $RAY_ADDRESS, else a local Ray")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep of the same name")] = False,
+    storage: Annotated[str | None, typer.Option(help="results folder; default ./kdarena-sweeps (shared storage on a cluster)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials at once; default cluster CPUs / resources.cpu")] = None,
+    final_seeds: Annotated[int | None, typer.Option(min=0, help="re-run each method's best config on N seeds (overrides final.seeds)")] = None,
+) -> None:
+    """Search every method's space with Optuna under Ray Tune (ASHA early stopping), recorded in MLflow."""
+    from .sweep_config import load_sweep
+
+    try:
+        if (file is None) == (preset is None):
+            raise UserError("give a sweep file or --preset NAME (e.g. `kdarena sweep --preset quickstart`)")
+        if preset is not None:
+            from kdarena.sweeps import preset_path
+            file = preset_path(preset)
+        cfg, raw = load_sweep(file)
+        from .sweep import run_sweep
+        from .sweep_view import SweepView
+
+        seeds = final_seeds if final_seeds is not None else cfg.final.seeds
+        total = cfg.trials_for() * len(cfg.methods) + seeds * len(cfg.methods)
+        with SweepView(err, total, enabled=err.is_terminal) as view:
+            outcome = run_sweep(cfg, raw, address=address, resume=resume, storage=storage, tracking_uri=tracking_uri,
+                                max_concurrent=max_concurrent, view=view, final_seeds=final_seeds)
+    except UserError as exc:
+        _fail(exc)
+    _print_sweep_summary(cfg, outcome)
+
+
+def _print_sweep_summary(cfg, outcome) -> None:
+    from .sweep_view import key_params
+
+    table = Table("method", "student", "val_acc", "test_acc", "final test_acc (seeds)", "MACs", "params", "best config",
+                  title=f"sweep {cfg.name}: best full-budget trial per method")
+    ranked = sorted(outcome.best.items(), key=lambda kv: -kv[1]["metrics"]["val_acc"])
+    for method, record in ranked:
+        m = record["metrics"]
+        final = outcome.finals.get(method)
+        final_text = f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f} (n={final['n']})" if final else "—"
+        table.add_row(method, record["tags"].get("kdarena.student_label", ""), _pct(m.get("val_acc")),
+                      _pct(m.get("test_acc")), final_text, f"{int(m.get('macs', 0)):,}", f"{int(m.get('params', 0)):,}",
+                      key_params(record, limit=6))
+    out.print(table)
+    missing = [m for m in cfg.methods if m not in outcome.best]
+    if missing:
+        out.print(f"no full-budget trial for: {', '.join(missing)} (all stopped early, diverged or failed)")
+    out.print(f"Results: {outcome.paths.root}; MLflow parent run {outcome.parent_run_id} in {outcome.tracking_uri}.\n"
+              f"Next: `kdarena export {outcome.paths.root} --top 3`, `mlflow ui --backend-store-uri {outcome.tracking_uri}`.",
+              highlight=False)
+
+
+@app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """List the model zoo with params and MACs at each model's default input."""
     from kdarena.zoo.cost import profile_cost

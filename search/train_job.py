@@ -17,16 +17,17 @@ from typing import Any
 import mlflow
 import torch
 
-from kdarena.methods import Distiller, PairInfo, get_method
+from kdarena.methods import Distiller, get_method
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import EpochResult, FitResult, eval_loader, evaluate, fit, pick_device
 from kdarena.methods.recipe import Recipe
 from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset, load_dataset
 from kdarena.zoo.errors import UserError
-from kdarena.zoo.models import StagedModel, build_model, stage_shapes
+from kdarena.zoo.models import StagedModel
 
-from .config import DatasetConfig, ModelConfig, TeacherConfig, TrainConfig
+from .build import build_distiller, make_model, pair_info
+from .config import DatasetConfig, TeacherConfig, TrainConfig
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
 from .tracking import flatten, source_commit
 
@@ -44,34 +45,6 @@ class Callbacks:
 
 def teacher_cache_dir(configured: str | None) -> Path:
     return Path(configured).expanduser() if configured else default_cache_dir()
-
-
-def make_model(spec: ModelConfig, data: Dataset, seed: int) -> StagedModel:
-    """Build `spec` for `data`'s shape; the seed fixes its initial weights."""
-    torch.manual_seed(seed)
-    return build_model(spec.arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                       input_size=data.input_size, **spec.options)
-
-
-def pair_info(student: StagedModel, teacher: StagedModel, data: Dataset) -> PairInfo:
-    return PairInfo(stage_shapes(student, data.in_channels, data.input_size),
-                    stage_shapes(teacher, data.in_channels, data.input_size),
-                    data.num_classes, data.in_channels, data.input_size)
-
-
-def build_distiller(cfg: TrainConfig, data: Dataset, teacher: StagedModel | None) -> Distiller:
-    """Student + method, or a UserError naming why the method cannot apply to this pair."""
-    method = get_method(cfg.method.name)
-    params = cfg.method_params()
-    student = make_model(cfg.student, data, cfg.train.seed)
-    probe_teacher = teacher if teacher is not None else make_model(cfg.teacher, data, cfg.teacher.recipe.seed)
-    pair = pair_info(student, probe_teacher, data)
-    why = method.check_pair(params, pair)
-    if why:
-        raise UserError(f"method '{method.name}' cannot distil teacher '{cfg.teacher.arch}' into student "
-                        f"'{cfg.student.arch}': {why}")
-    torch.manual_seed(cfg.train.seed + 1)  # training-only modules: seeded apart from the student
-    return method(student, teacher if method.needs_teacher else None, params, pair)
 
 
 def _train_teacher(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, data: Dataset, experiment: str,

@@ -1,0 +1,94 @@
+"""One Ray Tune experiment, one Optuna study and one set of ASHA rungs per method.
+
+Each method has its own space, so each gets its own TPE study (its own
+history, its own budget); its ASHA rungs compare it only with itself, so a
+method that starts slowly still reaches the full budget with its best
+configs. Running all methods in one Tune experiment lets every worker be
+reused across methods and trials of all methods run side by side.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+
+class PerMethodSearch(Searcher):
+    """Round-robin over per-method OptunaSearch instances, `quota` trials each."""
+
+    def __init__(self, searchers: dict[str, OptunaSearch], quota: int, metric: str | list[str], mode: str | list[str]):
+        super().__init__(metric=metric, mode=mode)
+        self.searchers = searchers
+        self.quota = quota
+        self.suggested = dict.fromkeys(searchers, 0)
+        self.owner: dict[str, str] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # each study was given its metric and mode when it was made
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        open_methods = [m for m in self.searchers if self.suggested[m] < self.quota]
+        if not open_methods:
+            return Searcher.FINISHED
+        method = min(open_methods, key=lambda m: self.suggested[m])
+        config = self.searchers[method].suggest(trial_id)
+        if config is None:
+            return None
+        self.suggested[method] += 1
+        self.owner[trial_id] = method
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.owner:
+            self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.owner:
+            self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class PerMethodASHA(FIFOScheduler):
+    """ASHA rungs kept per method (by the trial config's `method`)."""
+
+    def __init__(self, methods: list[str], **asha: Any):
+        super().__init__()
+        self.asha = {m: ASHAScheduler(**asha) for m in methods}
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True
+
+    def _of(self, trial) -> ASHAScheduler:
+        return self.asha[trial.config["method"]]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        sub = self._of(trial)
+        if trial.trial_id in sub._trial_info:
+            sub.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.on_trial_remove(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial)._trial_info.pop(trial.trial_id, None)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{m}: {s.debug_string()}" for m, s in self.asha.items())
+

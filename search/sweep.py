@@ -1,0 +1,339 @@
+"""The sweep driver: Ray Tune runs one Optuna study per method, ASHA stops weak trials.
+
+Order of work: validate everything that can be validated (config, data,
+every method against every student, storage, tracking server, Ray cluster
+and its resources) → open the MLflow parent run → train or load the
+teacher once → put the dataset and the teacher's weights in Ray's object
+store once → one Tune experiment with an Optuna study per method (persisted in the
+sweep directory, its own ASHA brackets) → final multi-seed runs of each
+method's best config → summary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from kdarena.methods import get_method
+from kdarena.methods.engine import pick_device
+from kdarena.methods.space import Choice, Dimension, IntRange
+from kdarena.zoo.errors import UserError
+
+from .per_method import PerMethodASHA, PerMethodSearch
+from .recorder import LIVE_VIEWS, ROLE_TAG, MLflowRecorder, SweepRecords
+from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, method_space, trial_config
+from .teacher_store import check_writable
+from .tracking import resolve_tracking_uri
+from .train_job import (Callbacks, build_distiller, ensure_experiment, load_config_dataset, resolve_teacher,
+                        teacher_cache_dir)
+from .trial import run_trial, split_trial_params
+
+# Ray's own console reporter would interleave with kdarena's live view: the old
+# reporter at verbosity 0 prints nothing.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+RECORDS_FILE = "records.json"
+SWEEP_FILE = "sweep.yaml"
+
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """One method's Optuna space, define-by-run so a student's searched options depend on the student.
+
+    A plain picklable object: Ray checkpoints the searcher, space included.
+    """
+
+    method: str
+    space: dict[str, Dimension]
+    student_search: tuple[dict[str, list[float]], ...]
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        student = trial.suggest_categorical("student", list(range(len(self.student_search)))) if len(self.student_search) > 1 else 0
+        for option, (low, high) in self.student_search[student].items():
+            name = f"student{student}/{option}"
+            if SEARCHABLE_OPTIONS[option] is int:
+                trial.suggest_int(name, int(low), int(high))
+            else:
+                trial.suggest_float(name, low, high)
+        for name, dim in self.space.items():
+            key = f"{self.method}/{name}"
+            if isinstance(dim, Choice):
+                trial.suggest_categorical(key, list(dim.choices))
+            elif isinstance(dim, IntRange):
+                trial.suggest_int(key, dim.low, dim.high, log=dim.log)
+            else:
+                trial.suggest_float(key, dim.low, dim.high, log=dim.log)
+        return {"method": self.method, "student": student}
+
+
+@dataclass(frozen=True)
+class Describe:
+    """Trial config (Ray's) → (resolved train config as a dict, MLflow tags). Picklable for Ray."""
+
+    sweep_doc: dict[str, Any]
+
+    def __call__(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        sweep = SweepConfig.model_validate(self.sweep_doc)
+        method, index, options, params, seed = split_trial_params(config)
+        cfg = trial_config(sweep, method, index, options, params, seed=seed)
+        tags = {"kdarena.method": method, "kdarena.student": cfg.student.arch, "kdarena.dataset": sweep.dataset.name,
+                "kdarena.teacher": sweep.teacher.arch, "kdarena.sweep": sweep.name,
+                "kdarena.student_label": sweep.students[index].label}
+        return cfg.model_dump(mode="json"), tags
+
+
+@dataclass
+class SweepPaths:
+    root: Path  # the sweep's own directory
+
+    @property
+    def records(self) -> Path:
+        return self.root / RECORDS_FILE
+
+    @property
+    def ray(self) -> Path:
+        return self.root / "ray"
+
+    def study(self, method: str) -> Path:
+        return self.root / f"optuna-{method}.journal"
+
+
+def sweep_paths(sweep: SweepConfig, storage: str | None) -> SweepPaths:
+    root = Path(storage or sweep.storage or "kdarena-sweeps").expanduser().resolve()
+    return SweepPaths(root / sweep.name)
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Attach to a cluster (`--address`, `RAY_ADDRESS`) or start Ray locally; an unreachable address is a UserError."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR", "configure_logging": True}
+    if address and address != "auto":
+        host_port = address.removeprefix("ray://").split("/")[0]
+        host, _, port = host_port.rpartition(":")
+        try:
+            socket.create_connection((host or host_port, int(port or 6379)), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"Ray cluster at {address} is unreachable ({exc}); start one with `ray start --head` "
+                            "or fix --address / RAY_ADDRESS") from None
+    try:
+        ray.init(address=address, **kwargs) if address else ray.init(num_cpus=num_cpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+
+
+def check_resources(sweep: SweepConfig) -> tuple[float, float]:
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    if sweep.resources.cpu > cpus:
+        raise UserError(f"resources.cpu is {sweep.resources.cpu} per trial but the Ray cluster has {cpus:g} CPUs; lower it")
+    if sweep.resources.gpu > gpus:
+        raise UserError(f"resources.gpu is {sweep.resources.gpu} per trial but the Ray cluster has {gpus:g} GPUs; "
+                        "set resources.gpu: 0 or add GPU nodes")
+    return cpus, gpus
+
+
+def check_pairs(sweep: SweepConfig, data) -> None:
+    """Every method against every student, with default parameters: fails now, not in trial 37."""
+    for method in sweep.methods:
+        for index in range(len(sweep.students)):
+            options = {k: lo for k, (lo, _) in sweep.students[index].search.items()}
+            options = {k: (int(v) if SEARCHABLE_OPTIONS[k] is int else v) for k, v in options.items()}
+            cfg = trial_config(sweep, method, index, options, {})
+            build_distiller(cfg, data, None)
+
+
+def check_storage(paths: SweepPaths, resume: bool) -> None:
+    exists = paths.records.exists()
+    if exists and not resume:
+        raise UserError(f"sweep '{paths.root.name}' already has results in {paths.root}; pass --resume to continue it, "
+                        "or give the sweep another name")
+    if resume and not exists:
+        raise UserError(f"nothing to resume: no sweep results in {paths.root}; run without --resume to start it")
+    try:
+        check_writable(paths.root)
+    except UserError:
+        raise UserError(f"storage {paths.root} is not writable; pass --storage DIR or set storage: in the sweep file") from None
+
+
+@dataclass
+class SweepOutcome:
+    paths: SweepPaths
+    parent_run_id: str
+    tracking_uri: str
+    best: dict[str, dict[str, Any]]  # method -> record of its best full-budget trial
+    finals: dict[str, dict[str, Any]]  # method -> {"mean", "std", "n", "test_accs"}
+
+
+def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resume: bool = False,
+              storage: str | None = None, tracking_uri: str | None = None, max_concurrent: int | None = None,
+              num_cpus: int | None = None, view: Callable[[str, str, dict[str, Any]], None] | None = None,
+              callbacks: Callbacks | None = None, final_seeds: int | None = None) -> SweepOutcome:
+    uri = resolve_tracking_uri(tracking_uri or sweep.tracking_uri)
+    paths = sweep_paths(sweep, storage)
+    check_storage(paths, resume)
+    if resume:
+        saved = yaml.safe_load((paths.root / SWEEP_FILE).read_text())
+        if SweepConfig.model_validate(saved) != sweep:
+            raise UserError(f"the sweep file changed since {paths.root} was started; resume with the same file, "
+                            "or give the changed sweep a new name")
+    data = load_config_dataset(sweep.dataset)
+    check_pairs(sweep, data)
+    cache_dir = teacher_cache_dir(sweep.cache_dir)
+    check_writable(cache_dir)
+    connect_ray(address, num_cpus)
+    cpus, _ = check_resources(sweep)
+    concurrency = max_concurrent or sweep.max_concurrent or max(1, int(cpus // sweep.resources.cpu))
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    (paths.root / SWEEP_FILE).write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    mlflow.set_tracking_uri(uri)
+    experiment_id = ensure_experiment(sweep.experiment, uri)
+    client = MlflowClient(uri)
+    records = SweepRecords.open(paths.records)
+    if records.data["parent_run_id"] is None:
+        parent = client.create_run(experiment_id, run_name=f"sweep-{sweep.name}",
+                                   tags={ROLE_TAG: "sweep", "kdarena.sweep": sweep.name,
+                                         "kdarena.dataset": sweep.dataset.name, "kdarena.teacher": sweep.teacher.arch})
+        records.data["parent_run_id"] = parent.info.run_id
+        records.save()
+        client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "sweep.yaml")
+    parent_id = records.data["parent_run_id"]
+    if view is not None:
+        LIVE_VIEWS[str(paths.records)] = view
+
+    try:
+        needs_teacher = any(get_method(m).needs_teacher for m in sweep.methods)
+        teacher_state = None
+        if needs_teacher or sweep.teacher.checkpoint:
+            teacher = resolve_teacher(sweep.teacher, sweep.dataset, data, cache_dir, sweep.experiment, uri,
+                                      callbacks or Callbacks(), pick_device())
+            teacher_state = {k: v.cpu() for k, v in teacher.model.state_dict().items()}
+            client.set_tag(parent_id, "kdarena.teacher_sha256", teacher.sha256)
+            if teacher.test_acc is not None:
+                client.log_metric(parent_id, "teacher_test_acc", teacher.test_acc)
+            records.data["teacher"] = {"sha256": teacher.sha256, "key": teacher.key, "val_acc": teacher.val_acc,
+                                       "test_acc": teacher.test_acc}
+            records.save()
+        sweep_doc = sweep.model_dump(mode="json")
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, sweep_doc=sweep_doc, data=data, teacher_state=teacher_state),
+            {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
+        _search(sweep, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc)
+        best = best_trials(records, sweep.budget.epochs)
+        seeds = final_seeds if final_seeds is not None else sweep.final.seeds
+        finals = _final_runs(sweep, best, seeds, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc) if seeds else {}
+        client.set_terminated(parent_id, "FINISHED")
+    except KeyboardInterrupt:
+        client.set_terminated(parent_id, "KILLED")
+        raise
+    finally:
+        LIVE_VIEWS.pop(str(paths.records), None)
+    return SweepOutcome(paths, parent_id, uri, best, finals)
+
+
+def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experiment_id: str, concurrency: int,
+            resume: bool, sweep_doc: dict[str, Any]) -> None:
+    """All methods' studies in one Tune experiment (`ray/search`), resumable from its directory."""
+    experiment_dir = paths.ray / "search"
+    if resume and tune.Tuner.can_restore(str(experiment_dir)):
+        tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+        return
+    metrics = [m for m, _ in sweep.objectives]
+    modes = [mode for _, mode in sweep.objectives]
+    metric, mode = (metrics, modes) if len(metrics) > 1 else (metrics[0], modes[0])
+    searchers = {}
+    for method in sweep.methods:
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.study(method))))
+        searchers[method] = OptunaSearch(
+            DefineByRun(method, method_space(sweep, method), tuple(s.search for s in sweep.students)),
+            metric=metric, mode=mode, study_name=method, storage=storage, seed=sweep.seed)
+    quota = sweep.trials_for()
+    scheduler = PerMethodASHA(list(sweep.methods), time_attr="training_iteration", metric="val_acc", mode="max",
+                              max_t=sweep.budget.epochs, grace_period=sweep.budget.grace_period,
+                              reduction_factor=sweep.budget.reduction_factor)
+    recorder = MLflowRecorder(uri, experiment_id, paths.records, "trial", Describe(sweep_doc))
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=PerMethodSearch(searchers, quota, metric, mode), scheduler=scheduler,
+                                    num_samples=quota * len(searchers), max_concurrent_trials=concurrency,
+                                    reuse_actors=True),
+        run_config=_run_config("search", paths, recorder),
+    )
+    tuner.fit()
+
+
+def _run_config(name: str, paths: SweepPaths, recorder: MLflowRecorder) -> tune.RunConfig:
+    return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=[recorder], verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=2),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+
+def best_trials(records: SweepRecords, epochs: int, phase: str = "trial") -> dict[str, dict[str, Any]]:
+    """Per method, the full-budget trial with the highest val_acc (ASHA-stopped trials never rank)."""
+    best: dict[str, dict[str, Any]] = {}
+    for record in records.trials.values():
+        if record["phase"] != phase or record["status"] != "completed":
+            continue
+        if record["metrics"].get("epochs_completed", 0) < epochs:
+            continue
+        current = best.get(record["method"])
+        if current is None or record["metrics"]["val_acc"] > current["metrics"]["val_acc"]:
+            best[record["method"]] = record
+    return best
+
+
+def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int, trainable, paths: SweepPaths,
+                uri: str, experiment_id: str, concurrency: int, resume: bool,
+                sweep_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's best config on `seeds` seeds: the mean ± std test accuracy the leaderboard ranks."""
+    experiment_dir = paths.ray / "final"
+    if resume and tune.Tuner.can_restore(str(experiment_dir)):
+        tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+    else:
+        points = []
+        for method, record in best.items():
+            cfg = record["config"]
+            base_seed = cfg["train"]["seed"]
+            for i in range(seeds):
+                points.append(record["trial_config"] | {"seed": base_seed + i})
+        if not points:
+            return {}
+        recorder = MLflowRecorder(uri, experiment_id, paths.records, "final", Describe(sweep_doc))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"point": tune.grid_search(points)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+            run_config=_run_config("final", paths, recorder),
+        )
+        tuner.fit()
+    return final_stats(SweepRecords.open(paths.records))
+
+
+def final_stats(records: SweepRecords) -> dict[str, dict[str, Any]]:
+    by_method: dict[str, list[float]] = {}
+    for record in records.trials.values():
+        if record["phase"] == "final" and record["status"] == "completed":
+            by_method.setdefault(record["method"], []).append(record["metrics"]["test_acc"])
+    stats = {}
+    for method, accs in by_method.items():
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+        stats[method] = {"mean": mean, "std": std, "n": len(accs), "test_accs": accs}
+    return stats
+

@@ -1,0 +1,67 @@
+"""The live view of a running sweep: a table of trials and an overall progress bar with ETA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+DONE = ("completed", "early-stopped", "diverged", "failed")
+MAX_ROWS = 12
+
+
+def key_params(record: dict[str, Any], limit: int = 3) -> str:
+    """The first few searched values of a trial, short: `temperature=3.2 alpha=0.71 lr=0.021`."""
+    point = record.get("trial_config", {})
+    values = point.get(record["method"], {})
+    shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()][:limit]
+    return " ".join(shown)
+
+
+class SweepView:
+    def __init__(self, console: Console, total_trials: int, enabled: bool = True):
+        self.console = console
+        self.enabled = enabled
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.progress = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), console=console)
+        self.task = self.progress.add_task("trials", total=total_trials)
+        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False) if enabled else None
+
+    def __enter__(self) -> SweepView:
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+
+    def set_total(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
+
+    def __call__(self, kind: str, key: str, record: dict[str, Any]) -> None:
+        was_done = self.rows.get(key, {}).get("status") in DONE
+        self.rows[key] = record
+        if record["status"] in DONE and not was_done:
+            self.progress.advance(self.task)
+        if self.live:
+            self.live.update(self._render())
+        elif kind in ("complete", "error"):
+            self.console.print(f"{record['trial_name']} {record['method']} {record['status']} "
+                               f"val_acc={record.get('last_result', {}).get('val_acc', float('nan')):.4f}", highlight=False)
+
+    def _render(self) -> Group:
+        table = Table("trial", "method", "student", "key params", "epoch", "val_acc", "status", expand=False)
+        running = [r for r in self.rows.values() if r["status"] not in DONE]
+        done = [r for r in self.rows.values() if r["status"] in DONE]
+        for r in (running + done[::-1])[:MAX_ROWS]:
+            last = r.get("last_result", {})
+            val = last.get("val_acc")
+            table.add_row(r["trial_name"], r["method"], r["tags"].get("kdarena.student_label", ""), key_params(r),
+                          str(last.get("epoch", "")), f"{val:.4f}" if isinstance(val, float) else "", r["status"])
+        return Group(table, self.progress)

@@ -1,0 +1,20 @@
+"""Example sweep files, shipped with the package; `--preset NAME` runs `NAME.yaml`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdarena.zoo.errors import UserError
+
+FOLDER = Path(__file__).resolve().parent
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in FOLDER.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = FOLDER / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset '{name}'; presets: {', '.join(presets())}")
+    return path
