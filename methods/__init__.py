@@ -7,14 +7,25 @@ from __future__ import annotations
 
 from kdarena.zoo.errors import UserError
 
+from .adversarial import Adversarial
+from .at import AT
 from .base import Distiller, MethodParams, PairInfo, StepInfo
 from .baseline import Baseline
+from .fitnets import FitNets
+from .fsp import FSP
 from .kd import KD
+from .svd import SVD
+from .wasserstein import Wasserstein
 
 METHODS: dict[str, type[Distiller]] = {
     "baseline": Baseline,
     "kd": KD,
-    # (one line per method, in methods.md's order)
+    "fitnets": FitNets,
+    "fsp": FSP,
+    "svd": SVD,
+    "adversarial": Adversarial,
+    "wasserstein": Wasserstein,
+    "at": AT,
 }
 
 

@@ -119,6 +119,10 @@ def sweep(
                                 max_concurrent=max_concurrent, view=view, final_seeds=final_seeds)
     except UserError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        again = f"kdarena sweep {'--preset ' + preset if preset else file} --resume"
+        err.print(f"interrupted: finished trials are kept; `{again}` continues the sweep", highlight=False)
+        raise typer.Exit(130) from None
     _print_sweep_summary(cfg, outcome)
 
 
@@ -142,6 +146,31 @@ def _print_sweep_summary(cfg, outcome) -> None:
     out.print(f"Results: {outcome.paths.root}; MLflow parent run {outcome.parent_run_id} in {outcome.tracking_uri}.\n"
               f"Next: `kdarena export {outcome.paths.root} --top 3`, `mlflow ui --backend-store-uri {outcome.tracking_uri}`.",
               highlight=False)
+
+
+@app.command()
+def export(
+    sweep_ref: Annotated[str, typer.Argument(metavar="SWEEP", help="sweep directory, sweep file, or sweep name")],
+    top: Annotated[int | None, typer.Option(min=1, help="how many configs; default 1 (multi-objective: the whole Pareto set)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="yaml (kdarena train configs) or json (configs with their scores)")] = "yaml",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="a file, or DIR/ for one file per config")] = None,
+) -> None:
+    """Write a sweep's best trials as configs that `kdarena train` re-runs exactly."""
+    from .export import find_sweep_dir, ranked_trials, render, write
+
+    try:
+        if fmt not in ("yaml", "json"):
+            raise UserError(f"--format {fmt!r}: choose yaml or json")
+        sweep_dir = find_sweep_dir(sweep_ref)
+        _, entries = ranked_trials(sweep_dir, top)
+        paths = write(entries, fmt, output)
+    except UserError as exc:
+        _fail(exc)
+    if output is None:
+        print(render(entries, fmt))
+    else:
+        for path in paths:
+            err.print(f"wrote {path}", highlight=False)
 
 
 @app.command()

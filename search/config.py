@@ -144,7 +144,12 @@ def load_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"config file not found: {path}; pass the path of a YAML file (see `kdarena train --help`)")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        docs = list(yaml.safe_load_all(text))
+        if len(docs) > 1:
+            raise UserError(f"{path} holds {len(docs)} YAML documents; kdarena reads one config per file "
+                            "(`kdarena export SWEEP --top K -o DIR/` writes one file each)")
+        return docs[0] if docs else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

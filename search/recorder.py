@@ -167,13 +167,17 @@ class MLflowRecorder(Callback):
         tags = {PARENT_TAG: self.records.data["parent_run_id"], ROLE_TAG: self.phase, "kdarena.trial_key": key,
                 **record["tags"]}
         run = self.client.create_run(self.experiment_id, run_name=record["trial_name"], tags=tags)
-        params = flatten("", {k: v for k, v in record["config"].items()})
+        params = flatten("", record["config"])
+        # the searched point under Optuna's own (method-prefixed) names, e.g. kd/temperature
+        params |= flatten("", record["trial_config"], sep="/")
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
 
     def _finish(self, record: dict[str, Any], run_status: str) -> None:
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in record["metrics"].items() if isinstance(v, (int, float))]
+        # val_acc is already there, one value per epoch: its last value is the final one
+        metrics = [Metric(k, float(v), now, 0) for k, v in record["metrics"].items()
+                   if isinstance(v, (int, float)) and k not in _PER_EPOCH]
         tags = [RunTag("kdarena.status", record["status"])]
         if record.get("reason"):
             tags.append(RunTag("kdarena.reason", str(record["reason"])[:5000]))

@@ -47,6 +47,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 RECORDS_FILE = "records.json"
+FINISHED = ("completed", "early-stopped", "diverged", "failed")
 SWEEP_FILE = "sweep.yaml"
 
 
@@ -253,6 +254,7 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
     experiment_dir = paths.ray / "search"
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+        _raise_if_interrupted(paths, "trial", sweep.trials_for() * len(sweep.methods))
         return
     metrics = [m for m, _ in sweep.objectives]
     modes = [mode for _, mode in sweep.objectives]
@@ -276,6 +278,15 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
         run_config=_run_config("search", paths, recorder),
     )
     tuner.fit()
+    _raise_if_interrupted(paths, "trial", quota * len(searchers))
+
+
+def _raise_if_interrupted(paths: SweepPaths, phase: str, planned: int) -> None:
+    """Ray Tune returns normally from a Ctrl-C (it saves its state first); tell the caller it was cut short."""
+    records = SweepRecords.open(paths.records)
+    finished = sum(1 for r in records.trials.values() if r["phase"] == phase and r["status"] in FINISHED)
+    if finished < planned:
+        raise KeyboardInterrupt(f"{finished} of {planned} {phase} runs finished")
 
 
 def _run_config(name: str, paths: SweepPaths, recorder: MLflowRecorder) -> tune.RunConfig:
@@ -303,6 +314,7 @@ def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int,
                 sweep_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each method's best config on `seeds` seeds: the mean ± std test accuracy the leaderboard ranks."""
     experiment_dir = paths.ray / "final"
+    planned = seeds * len(best)
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
     else:
@@ -322,6 +334,7 @@ def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int,
             run_config=_run_config("final", paths, recorder),
         )
         tuner.fit()
+    _raise_if_interrupted(paths, "final", planned)
     return final_stats(SweepRecords.open(paths.records))
 
 

@@ -47,12 +47,12 @@ def check_tracking_uri(uri: str) -> None:
                         "sqlite:///PATH/mlflow.db or http://HOST:PORT")
 
 
-def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    """Nested config → MLflow params with dotted names (`teacher.recipe.lr`)."""
+def flatten(prefix: str, value: Any, sep: str = ".") -> dict[str, Any]:
+    """Nested config → MLflow params with joined names (`teacher.recipe.lr`, or `kd/temperature` with sep="/")."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
-            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+            out.update(flatten(f"{prefix}{sep}{k}" if prefix else str(k), v, sep))
         return out
     return {prefix: value}
 

@@ -1,0 +1,113 @@
+"""`kdarena export`: a sweep's best trials as complete `kdarena train` configs.
+
+Only full-budget trials rank (ASHA-stopped ones saw fewer epochs). With one
+objective, the top K by val_acc; with an accuracy-vs-cost objective, the
+Pareto set. Each config pins the trial's seed, thread count and teacher
+sha256, so `kdarena train` re-runs the trial exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdarena.zoo.errors import UserError
+
+from .config import TrainConfig
+from .recorder import SweepRecords
+from .sweep import RECORDS_FILE, SWEEP_FILE, sweep_paths
+from .sweep_config import SweepConfig, load_sweep
+
+
+def find_sweep_dir(target: str) -> Path:
+    """A sweep directory, a sweep file (its storage/name), or a name under ./kdarena-sweeps."""
+    path = Path(target).expanduser()
+    if path.is_dir() and (path / RECORDS_FILE).exists():
+        return path
+    if path.is_file():
+        sweep, _ = load_sweep(path)
+        root = sweep_paths(sweep, None).root
+        if (root / RECORDS_FILE).exists():
+            return root
+        raise UserError(f"sweep '{sweep.name}' has no results in {root} yet; run `kdarena sweep {target}` first")
+    named = Path("kdarena-sweeps") / target
+    if (named / RECORDS_FILE).exists():
+        return named.resolve()
+    raise UserError(f"no sweep results at {target}: pass a sweep directory (with {RECORDS_FILE}), a sweep file, "
+                    "or the name of a sweep under ./kdarena-sweeps")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated under (accuracy: higher better, cost: lower better)."""
+    front = []
+    for i, (acc_i, cost_i) in enumerate(points):
+        dominated = any((acc_j >= acc_i and cost_j <= cost_i) and (acc_j > acc_i or cost_j < cost_i)
+                        for j, (acc_j, cost_j) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[dict[str, Any]]]:
+    """The best full-budget trials, best first; `top=None`: the best one, or the whole Pareto set."""
+    sweep = SweepConfig.model_validate(yaml.safe_load((sweep_dir / SWEEP_FILE).read_text()))
+    records = SweepRecords(sweep_dir / RECORDS_FILE)
+    full = [r for r in records.trials.values()
+            if r["phase"] == "trial" and r["status"] == "completed"
+            and r["metrics"].get("epochs_completed", 0) >= sweep.budget.epochs]
+    if not full:
+        raise UserError(f"sweep '{sweep.name}' has no full-budget trial yet (all stopped early, diverged or still "
+                        "running); resume it or give it a larger budget")
+    if len(sweep.objectives) > 1:
+        cost = sweep.objectives[1][0]
+        front = pareto_front([(r["metrics"]["val_acc"], r["metrics"][cost]) for r in full])
+        full = [full[i] for i in front]
+    elif top is None:
+        top = 1
+    full.sort(key=lambda r: -r["metrics"]["val_acc"])
+    teacher_sha = records.data.get("teacher", {}).get("sha256")
+    entries = []
+    for rank, record in enumerate(full[:top] if top else full, start=1):
+        config = TrainConfig.model_validate(record["config"]).model_dump(mode="json")
+        if teacher_sha and config["method"]["name"] != "baseline":
+            config["teacher"]["sha256"] = teacher_sha
+        entries.append({"rank": rank, "trial": record["trial_name"], "mlflow_run_id": record["run_id"],
+                        "method": record["method"], "val_acc": record["metrics"]["val_acc"],
+                        "test_acc": record["metrics"].get("test_acc"), "macs": record["metrics"].get("macs"),
+                        "params": record["metrics"].get("params"), "config": config})
+    return sweep, entries
+
+
+def render(entries: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(entries, indent=2)
+    docs = []
+    for e in entries:
+        head = (f"# rank {e['rank']}: {e['method']}, trial {e['trial']}, val_acc {e['val_acc']:.4f}, "
+                f"test_acc {e['test_acc']:.4f}, MLflow run {e['mlflow_run_id']}\n"
+                f"# re-run: kdarena train THIS_FILE\n")
+        docs.append(head + yaml.safe_dump(e["config"], sort_keys=False))
+    return "---\n".join(docs)
+
+
+def write(entries: list[dict[str, Any]], fmt: str, output: Path | None) -> list[Path]:
+    """To stdout (None), one file per config (a directory), or one file (a single config, or a JSON list)."""
+    if output is None:
+        return []
+    if output.is_dir() or str(output).endswith("/"):
+        output.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for e in entries:
+            path = output / f"rank{e['rank']}-{e['method']}.{fmt}"
+            path.write_text(render([e], fmt) if fmt == "yaml" else json.dumps(e["config"], indent=2))
+            paths.append(path)
+        return paths
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "yaml" and len(entries) > 1:
+        raise UserError(f"{len(entries)} configs do not fit one YAML file that `kdarena train` reads; "
+                        "pass -o DIR/ for one file each, --top 1, or --format json")
+    output.write_text(render(entries, fmt))
+    return [output]

@@ -1,0 +1,164 @@
+"""Attention transfer: the attention maps, the loss, where its gradients go, and `kdarena train`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch.nn import functional as F
+from typer.testing import CliRunner
+
+import kdarena.search.cli
+from kdarena.methods import METHODS, PairInfo
+from kdarena.methods.at import AT, at_loss, attention_map
+from kdarena.methods.baseline import Baseline
+from kdarena.methods.engine import fit
+from kdarena.methods.recipe import Recipe
+from kdarena.zoo.models import build_model, stage_shapes
+
+CPU = torch.device("cpu")
+
+
+def _model(arch: str, seed: int, **options):
+    torch.manual_seed(seed)
+    return build_model(arch, num_classes=10, in_channels=1, input_size=8, **options)
+
+
+def _pair(student, teacher) -> PairInfo:
+    return PairInfo(stage_shapes(student, 1, 8), stage_shapes(teacher, 1, 8), 10, 1, 8)
+
+
+def _at(student, teacher, **params) -> AT:
+    teacher.eval().requires_grad_(False)
+    return AT(student, teacher, AT.Params(**params), _pair(student, teacher))
+
+
+def _f(t: torch.Tensor) -> float:
+    return float(t.detach())
+
+
+@pytest.fixture()
+def migrated_store(cache_env, tmp_path, tmp_path_factory):
+    """`cache_env` whose MLflow store starts as a copy of an empty, already-migrated one.
+
+    A new sqlite store spends ~7 s on schema migrations on a loaded machine;
+    the run under test still goes through the CLI into its own private store.
+    """
+    template = tmp_path_factory.getbasetemp() / "mlflow-migrated-template.db"
+    if not template.exists():
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+    shutil.copy(template, tmp_path / "mlflow.db")
+    return cache_env
+
+
+def _batch(n: int = 6):
+    torch.manual_seed(1)
+    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+
+
+def test_registered_with_the_authors_defaults_and_space():
+    assert METHODS["at"] is AT
+    assert AT.Params().model_dump() == {"at_weight": 1000.0, "p": 2}
+    assert AT.space["p"].choices == (1, 2, 4)
+    with pytest.raises(ValueError):
+        AT.Params(p=3)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_attention_map_is_the_unit_normalised_channel_mean_of_abs_power(p):
+    torch.manual_seed(0)
+    f = torch.randn(3, 5, 4, 4)
+    q = attention_map(f, p)
+    assert q.shape == (3, 16)
+    assert torch.allclose(q.norm(dim=1), torch.ones(3))
+    hand = torch.stack([f[b].abs().pow(p).sum(0).flatten() for b in range(3)])
+    assert torch.allclose(q, hand / hand.norm(dim=1, keepdim=True), atol=1e-6)
+    # a sign flip or a channel permutation leaves the attention unchanged
+    assert torch.allclose(attention_map(-f[:, torch.randperm(5)], p), q, atol=1e-6)
+
+
+def test_larger_map_is_pooled_to_the_smaller_before_comparing():
+    torch.manual_seed(0)
+    small = torch.rand(2, 3, 4, 4)
+    large = F.interpolate(small, scale_factor=2, mode="nearest")  # the same attention at 8×8
+    assert _f(at_loss([large], [small], 2)) == pytest.approx(0.0, abs=1e-12)
+    assert _f(at_loss([small], [large], 2)) == pytest.approx(0.0, abs=1e-12)
+    assert _f(at_loss([small], [torch.rand(2, 7, 4, 4)], 2)) > 0
+
+
+def test_loss_is_zero_for_a_copy_of_the_teacher_and_positive_otherwise():
+    teacher = _model("cnn", 0, channels=8)
+    x, y = _batch()
+    same = _at(copy.deepcopy(teacher), teacher)
+    same.eval()  # both in eval: identical BN statistics, identical features
+    _, losses = same.forward_train(x, y, None)
+    assert _f(losses["loss_at"]) == 0.0
+    other = _at(_model("cnn", 3, channels=8), teacher)
+    other.eval()
+    assert _f(other.forward_train(x, y, None)[1]["loss_at"]) > 0
+
+
+def test_total_is_ce_plus_half_beta_at_with_gradients_to_the_student_only():
+    teacher = _model("cnn", 0, channels=16, num_stages=4)  # 4 spatial stages against the student's 3
+    student = _model("cnn", 1, channels=4)
+    d = _at(student, teacher, at_weight=300.0, p=4)
+    assert len(d.pairs) == 3 and d.pairs[0] == (0, 0) and d.pairs[-1] == (2, 3)
+    x, y = _batch()
+    logits, losses = d.forward_train(x, y, None)
+    assert set(losses) == {"loss_ce", "loss_at"}
+    unweighted = d.pop_diagnostics()["at_loss"]
+    assert math.isfinite(unweighted) and unweighted > 0
+    assert _f(losses["loss_at"]) == pytest.approx(150.0 * unweighted, rel=1e-5)
+    assert _f(losses["loss_ce"]) == pytest.approx(_f(F.cross_entropy(logits, y)), rel=1e-6)
+
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.stages[0].convs[0].weight.grad.abs().sum() > 0
+    assert d.extra_params() == 0
+
+
+def test_at_weight_zero_is_the_student_trained_alone(digits):
+    teacher = _model("cnn", 0, channels=16)
+    a, b = _model("cnn", 5, channels=4), _model("cnn", 5, channels=4)
+    recipe = Recipe(epochs=1, batch_size=128)
+    fit(Baseline(a, None, Baseline.Params(), _pair(a, a)), digits, recipe, device=CPU, evaluate_test=False)
+    result = fit(_at(b, teacher, at_weight=0.0), digits, recipe, device=CPU, evaluate_test=False)
+    assert result.history[0].losses["loss_at"] == 0.0 and result.history[0].diagnostics["at_loss"] > 0
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+
+def test_check_pair_refuses_pairs_without_spatial_maps():
+    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16, 16])
+    assert AT.check_pair(AT.Params(), _pair(cnn, cnn)) is None
+    why = AT.check_pair(AT.Params(), _pair(mlp, cnn))
+    assert "student has no" in why and "spatial" in why and "fitnets" in why
+    assert "teacher has no" in AT.check_pair(AT.Params(), _pair(cnn, mlp))
+
+
+def test_train_cli_at_records_the_attention_diagnostic(migrated_store, tmp_path):
+    result = CliRunner().invoke(kdarena.search.cli.app, [
+        "train", "--json", "--set", "method.name=at", "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and summary["method"] == "at"
+    assert summary["extra_params"] == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(summary["run_id"])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "diag_at_loss")) == [1, 2]
+    assert {"train_loss_ce", "train_loss_at"} <= set(run.data.metrics)
+    assert float(run.data.params["method.params.at_weight"]) == 1000.0
+
+
+def test_train_cli_refuses_at_on_an_mlp_student_before_any_work(cache_env, tmp_path):
+    result = CliRunner().invoke(kdarena.search.cli.app, [
+        "train", "--set", "method.name=at", "--set", "student.arch=mlp", "--set", "train.epochs=2"])
+    assert result.exit_code == 2, result.output
+    assert "method 'at'" in result.stderr and "student 'mlp'" in result.stderr and "spatial" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "mlflow.db").exists() and not cache_env.exists()

@@ -1,0 +1,299 @@
+"""`kdarena sweep` / `kdarena export` with a real local Ray (2 CPUs), real Optuna and a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from kdarena.search.cli import app
+from kdarena.search.export import pareto_front
+
+SMALL = {
+    "name": "small",
+    "dataset": {"name": "digits"},
+    "teacher": {"arch": "cnn", "options": {"channels": 16}, "recipe": {"epochs": 3}},
+    "students": [{"arch": "cnn", "options": {"channels": 4}}],
+    "methods": {"baseline": {}, "kd": {"space": {"temperature": [2, 8]}}},
+    "budget": {"trials_per_method": 3, "epochs": 4, "grace_period": 1, "reduction_factor": 2},
+    "final": {"seeds": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _write(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _records(root: Path) -> dict:
+    return json.loads((root / "records.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_sweep(local_ray, tmp_path_factory):
+    """One real sweep shared by the tests that read its results."""
+    work = tmp_path_factory.mktemp("sweep")
+    old = Path.cwd()
+    os.chdir(work)
+    env = {"KDARENA_CACHE": str(work / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = CliRunner().invoke(app, ["sweep", str(_write(work / "small.yaml", SMALL))], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+    yield work, result
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_sweep_completes_every_trial_and_stops_some_early(small_sweep):
+    work, result = small_sweep
+    assert result.exit_code == 0, result.output
+    records = _records(work / "kdarena-sweeps" / "small")
+    trials = [r for r in records["trials"].values() if r["phase"] == "trial"]
+    assert len(trials) == 6
+    assert sorted(r["method"] for r in trials) == ["baseline"] * 3 + ["kd"] * 3
+    statuses = [r["status"] for r in trials]
+    assert set(statuses) <= {"completed", "early-stopped"}
+    assert "early-stopped" in statuses  # ASHA stopped at least one
+    for r in trials:
+        if r["status"] == "completed":
+            assert r["metrics"]["epochs_completed"] == 4 and "test_acc" in r["metrics"]
+        else:
+            assert r["metrics"]["epochs_completed"] < 4 and "test_acc" not in r["metrics"]
+        if r["method"] == "kd":
+            assert 2 <= r["config"]["method"]["params"]["temperature"] <= 8  # the narrowed space
+    assert "best full-budget trial per method" in result.stdout
+
+
+def test_mlflow_has_parent_and_one_child_per_trial_with_prefixed_params(small_sweep):
+    work, _ = small_sweep
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdarena")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    (parent,) = [r for r in runs if r.data.tags.get("kdarena.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trials = [r for r in children if r.data.tags["kdarena.role"] == "trial"]
+    finals = [r for r in children if r.data.tags["kdarena.role"] == "final"]
+    assert len(trials) == 6 and len(finals) == 4
+    assert parent.info.status == "FINISHED" and "kdarena.teacher_sha256" in parent.data.tags
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        method = run.data.tags["kdarena.method"]
+        assert run.data.params["method.name"] == method
+        assert f"{method}/lr" in run.data.params and f"{method}/weight_decay" in run.data.params
+        if method == "kd":
+            assert "kd/temperature" in run.data.params and "kd/alpha" in run.data.params
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        steps = [m.step for m in history]
+        assert steps == sorted(set(steps)) and steps[0] == 1  # one value per epoch, none twice
+        assert run.data.tags["kdarena.status"] in ("completed", "early-stopped")
+        assert run.data.metrics["epochs_completed"] == len(steps)
+    # the teacher was trained once, as its own run, before any trial
+    assert sum(r.data.tags.get("kdarena.role") == "teacher" for r in runs) == 1
+
+
+def test_final_runs_repeat_each_best_config_on_seeds(small_sweep):
+    work, _ = small_sweep
+    records = _records(work / "kdarena-sweeps" / "small")
+    finals = [r for r in records["trials"].values() if r["phase"] == "final"]
+    assert sorted((r["method"], r["config"]["train"]["seed"]) for r in finals) == [
+        ("baseline", 0), ("baseline", 1), ("kd", 0), ("kd", 1)]
+    trials = {r["method"]: r for r in records["trials"].values() if r["phase"] == "trial" and r["status"] == "completed"
+              and r["metrics"]["val_acc"] == max(x["metrics"]["val_acc"] for x in records["trials"].values()
+                                                 if x["phase"] == "trial" and x["method"] == r["method"]
+                                                 and x["status"] == "completed")}
+    for r in finals:
+        best = trials[r["method"]]
+        assert r["config"]["method"] == best["config"]["method"]
+        assert r["config"]["train"]["lr"] == best["config"]["train"]["lr"]
+        if r["config"]["train"]["seed"] == 0:  # the trial's own seed reproduces the trial
+            assert r["metrics"]["test_acc"] == pytest.approx(best["metrics"]["test_acc"], abs=1e-9)
+
+
+def test_export_round_trip_reproduces_test_accuracy(small_sweep, monkeypatch):
+    work, _ = small_sweep
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("KDARENA_CACHE", str(work / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    out = CliRunner().invoke(app, ["export", "small.yaml", "--format", "json", "--top", "3"])
+    assert out.exit_code == 0, out.output
+    entries = json.loads(out.stdout)
+    assert [e["rank"] for e in entries] == list(range(1, len(entries) + 1))
+    assert [e["val_acc"] for e in entries] == sorted((e["val_acc"] for e in entries), reverse=True)
+    written = CliRunner().invoke(app, ["export", "kdarena-sweeps/small", "-o", "best.yaml"])
+    assert written.exit_code == 0, written.output
+    exported = yaml.safe_load((work / "best.yaml").read_text())
+    assert exported["train"]["seed"] == 0 and len(exported["teacher"]["sha256"]) == 64
+    rerun = CliRunner().invoke(app, ["train", "best.yaml", "--json"], catch_exceptions=False)
+    assert rerun.exit_code == 0, rerun.output
+    summary = json.loads(rerun.stdout)
+    assert not summary["teacher_trained_now"]
+    assert abs(summary["test_acc"] - entries[0]["test_acc"]) <= 1e-6
+
+
+def test_multi_objective_width_search_exports_the_pareto_set(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    doc = SMALL | {"name": "front", "objective": ["val_acc", "macs"], "methods": {"kd": {}},
+                   "students": [{"arch": "cnn", "options": {"channels": 4}, "search": {"width": [0.5, 3.0]}}],
+                   "budget": {"trials_per_method": 5, "epochs": 2, "grace_period": 2}, "final": {"seeds": 0}}
+    result = CliRunner().invoke(app, ["sweep", str(_write(tmp_path / "front.yaml", doc))], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    trials = list(_records(tmp_path / "kdarena-sweeps" / "front")["trials"].values())
+    widths = {r["trial_config"]["student0"]["width"] for r in trials}
+    assert len(widths) == 5 and all(0.5 <= w <= 3.0 for w in widths)
+    out = CliRunner().invoke(app, ["export", "front", "--format", "json"])
+    exported = json.loads(out.stdout)
+    points = [(r["metrics"]["val_acc"], r["metrics"]["macs"]) for r in trials]
+    brute = {points[i] for i in range(len(points))
+             if not any(a >= points[i][0] and c <= points[i][1] and (a, c) != points[i] for a, c in points)}
+    assert {(e["val_acc"], e["macs"]) for e in exported} == brute
+
+
+def test_pareto_front_by_brute_force():
+    points = [(0.9, 100), (0.8, 50), (0.85, 200), (0.95, 300), (0.8, 60)]
+    assert sorted(pareto_front(points)) == [0, 1, 3]
+
+
+def _run_cli(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "kdarena"
+    return subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_loses_nothing_and_duplicates_nothing(tmp_path):
+    env = os.environ | {"KDARENA_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "OMP_NUM_THREADS": "1"}
+    doc = SMALL | {"name": "resumable", "budget": {"trials_per_method": 4, "epochs": 6, "grace_period": 6},
+                   "final": {"seeds": 0}}
+    sweep_file = _write(tmp_path / "resumable.yaml", doc)
+    root = tmp_path / "kdarena-sweeps" / "resumable"
+    proc = _run_cli("sweep", str(sweep_file), cwd=tmp_path, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (root / "records.json").exists():
+            trials = _records(root)["trials"].values()
+            if sum(r["status"] == "completed" for r in trials) >= 2 and any(r["status"] == "running" for r in trials):
+                break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the sweep never had two finished trials and one running")
+    os.kill(proc.pid, signal.SIGINT)  # Ctrl-C in the driver
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr
+    before = _records(root)["trials"]
+    done_before = {k: r["run_id"] for k, r in before.items() if r["status"] == "completed"}
+    assert 2 <= len(done_before) < 8
+
+    resumed = _run_cli("sweep", str(sweep_file), "--resume", cwd=tmp_path, env=env)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    after = _records(root)["trials"]
+    assert len(after) == 8 and all(r["status"] == "completed" for r in after.values())
+    assert {k: after[k]["run_id"] for k in done_before} == done_before  # finished trials kept as they were
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdarena")
+    children = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+                if r.data.tags.get("kdarena.role") == "trial"]
+    assert len(children) == 8 and len({r.info.run_id for r in children}) == 8
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == list(range(1, 7)), (run.info.run_name, steps)
+    # the Optuna studies went on where they were: 4 trials each, numbered 0..3
+    import optuna
+    for method in ("baseline", "kd"):
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(root / f"optuna-{method}.journal")))
+        study = optuna.load_study(study_name=method, storage=storage)
+        assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+
+
+BAD_SWEEPS = {
+    "unknown method": ({"methods": {"magic": {}}}, "unknown method 'magic'"),
+    "unknown param in space": ({"methods": {"kd": {"space": {"temprature": [1, 4]}}}}, "methods.kd.space.temprature"),
+    "unknown param in fix": ({"methods": {"kd": {"fix": {"beta": 1}}}}, "methods.kd.fix.beta"),
+    "inverted range": ({"methods": {"kd": {"space": {"temperature": [8, 2]}}}}, "empty or inverted range"),
+    "empty range": ({"methods": {"kd": {"space": {"alpha": [0.5, 0.5]}}}}, "empty or inverted range"),
+    "range outside valid values": ({"methods": {"kd": {"space": {"alpha": [0.5, 2.0]}}}}, "methods.kd.space.alpha"),
+    "empty choices": ({"methods": {"kd": {}, "baseline": {"space": {"lr": []}}}}, "methods.baseline.space.lr"),
+    "too many cpus": ({"resources": {"cpu": 64}}, "the Ray cluster has 2 CPUs"),
+    "gpu on a cpu cluster": ({"resources": {"gpu": 1}}, "resources.gpu"),
+    "bad name": ({"name": "../escape"}, "name:"),
+    "grace beyond budget": ({"budget": {"epochs": 2, "grace_period": 5}}, "grace_period"),
+    "bad student search": ({"students": [{"arch": "cnn", "search": {"width": [2, 1]}}]}, "empty or inverted"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SWEEPS))
+def test_bad_sweep_exits_2_before_any_trial(case, local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))
+    patch, expected = BAD_SWEEPS[case]
+    result = CliRunner().invoke(app, ["sweep", str(_write(tmp_path / "bad.yaml", SMALL | patch))])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
+    assert not (tmp_path / "kdarena-sweeps" / "small" / "ray").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_address_tracking_and_resume_mistakes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))
+    path = str(_write(tmp_path / "s.yaml", SMALL))
+    if ray.is_initialized():
+        ray.shutdown()
+    r = CliRunner().invoke(app, ["sweep", path, "--address", "127.0.0.1:1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert r.exit_code == 2 and "unreachable" in r.stderr and "ray start --head" in r.stderr
+    r = CliRunner().invoke(app, ["sweep", path, "--tracking-uri", "http://127.0.0.1:9"])
+    assert r.exit_code == 2 and "tracking server" in r.stderr
+    r = CliRunner().invoke(app, ["sweep", path, "--resume", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert r.exit_code == 2 and "nothing to resume" in r.stderr
+    r = CliRunner().invoke(app, ["sweep", "--preset", "nope"])
+    assert r.exit_code == 2 and "quickstart" in r.stderr
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "no sweep results" in r.stderr
+
+
+SHAPES = {"digits": (1, 8, 10), "mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}
+
+
+@pytest.mark.parametrize("preset", __import__("kdarena.sweeps", fromlist=["presets"]).presets())
+def test_shipped_sweeps_validate_and_every_method_fits_every_pair(preset):
+    import torch
+
+    from kdarena.search.sweep import check_pairs
+    from kdarena.search.sweep_config import load_sweep
+    from kdarena.sweeps import preset_path
+    from kdarena.zoo.data import Dataset, Split
+
+    sweep, _ = load_sweep(preset_path(preset))
+    c, size, classes = SHAPES[sweep.dataset.name]
+    # the pair check needs only the data's shape
+    split = Split(torch.zeros(2, c, size, size, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
+    check_pairs(sweep, Dataset(sweep.dataset.name, split, split, split, classes, mean=(0.5,) * c, std=(0.25,) * c))
