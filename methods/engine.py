@@ -100,6 +100,18 @@ def eval_loader(split: Split, data: Dataset, device: torch.device, batch_size: i
                        channels_last=device.type == "cuda")
 
 
+def train_step(distiller: Distiller, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               step: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step of any method: its adversaries' updates, then the student's."""
+    distiller.aux_step(images, labels, step)
+    with _autocast(images.device):
+        logits, losses = distiller.forward_train(images, labels, step)
+    optimizer.zero_grad(set_to_none=True)
+    distiller.backward(losses, step)
+    optimizer.step()
+    return logits, losses
+
+
 def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.device | None = None,
         checkpoint_path: Path | None = None, evaluate_test: bool = True,
         on_epoch: Callable[[EpochResult], None] | None = None,
@@ -144,12 +156,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         seen = 0
         for i, (images, labels) in enumerate(train_loader):
             step = StepInfo(epoch, recipe.epochs, epoch * steps_per_epoch + i, steps_per_epoch)
-            distiller.aux_step(images, labels, step)
-            with _autocast(device):
-                logits, losses = distiller.forward_train(images, labels, step)
-            optimizer.zero_grad(set_to_none=True)
-            distiller.backward(losses, step)
-            optimizer.step()
+            logits, losses = train_step(distiller, optimizer, images, labels, step)
             scheduler.step()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() * labels.numel()

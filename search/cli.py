@@ -129,16 +129,15 @@ def sweep(
 def _print_sweep_summary(cfg, outcome) -> None:
     from .sweep_view import key_params
 
-    table = Table("method", "student", "val_acc", "test_acc", "final test_acc (seeds)", "MACs", "params", "best config",
+    table = Table("method", "student", "val_acc", "test_acc", "final test_acc", "MACs", "best config",
                   title=f"sweep {cfg.name}: best full-budget trial per method")
     ranked = sorted(outcome.best.items(), key=lambda kv: -kv[1]["metrics"]["val_acc"])
     for method, record in ranked:
         m = record["metrics"]
         final = outcome.finals.get(method)
-        final_text = f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f} (n={final['n']})" if final else "—"
+        final_text = f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f} ({final['n']} seeds)" if final else "—"
         table.add_row(method, record["tags"].get("kdarena.student_label", ""), _pct(m.get("val_acc")),
-                      _pct(m.get("test_acc")), final_text, f"{int(m.get('macs', 0)):,}", f"{int(m.get('params', 0)):,}",
-                      key_params(record, limit=6))
+                      _pct(m.get("test_acc")), final_text, f"{int(m.get('macs', 0)):,}", key_params(record, limit=6))
     out.print(table)
     missing = [m for m in cfg.methods if m not in outcome.best]
     if missing:

@@ -262,13 +262,15 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
     searchers = {}
     for method in sweep.methods:
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.study(method))))
+        sampler = optuna.samplers.RandomSampler(seed=sweep.seed) if sweep.sampler == "random" else None
         searchers[method] = OptunaSearch(
             DefineByRun(method, method_space(sweep, method), tuple(s.search for s in sweep.students)),
-            metric=metric, mode=mode, study_name=method, storage=storage, seed=sweep.seed)
+            metric=metric, mode=mode, study_name=method, storage=storage, seed=sweep.seed, sampler=sampler)
     quota = sweep.trials_for()
+    b = sweep.budget
     scheduler = PerMethodASHA(list(sweep.methods), time_attr="training_iteration", metric="val_acc", mode="max",
-                              max_t=sweep.budget.epochs, grace_period=sweep.budget.grace_period,
-                              reduction_factor=sweep.budget.reduction_factor)
+                              max_t=b.epochs, grace_period=b.grace_period if b.early_stopping else b.epochs,
+                              reduction_factor=b.reduction_factor)
     recorder = MLflowRecorder(uri, experiment_id, paths.records, "trial", Describe(sweep_doc))
     tuner = tune.Tuner(
         trainable,

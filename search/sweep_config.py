@@ -63,6 +63,7 @@ class Budget(_Strict):
     epochs: int = Field(10, gt=0, description="full budget of one trial")
     grace_period: int = Field(1, gt=0, description="ASHA: epochs before a trial may be stopped")
     reduction_factor: float = Field(3.0, gt=1, description="ASHA: keep the top 1/reduction_factor at each rung")
+    early_stopping: bool = Field(True, description="false: every trial runs the full budget (no ASHA)")
 
     @model_validator(mode="after")
     def _check(self) -> Budget:
@@ -99,6 +100,7 @@ class SweepConfig(_Strict):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(None, gt=0)
     final: FinalSpec = Field(default_factory=FinalSpec)
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler of every method's study")
     seed: int = Field(0, ge=0, description="the samplers' seed")
     tracking_uri: str | None = None
     storage: str | None = Field(None, description="where trial results and checkpoints go; default ./kdarena-sweeps")
