@@ -42,6 +42,12 @@ class ModelConfig(_Strict):
     arch: str
     options: dict[str, Any] = Field(default_factory=dict, description="constructor options: width, depth, hidden, …")
 
+    @property
+    def label(self) -> str:
+        """A short name for tables and leaderboards: arch plus its options, e.g. `cnn(channels=8)`."""
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.arch}({opts})" if opts else self.arch
+
     @field_validator("arch")
     @classmethod
     def _known(cls, v: str) -> str:

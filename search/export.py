@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
+from kdarena.methods import get_method
 from kdarena.zoo.errors import UserError
 
 from .config import TrainConfig
-from .recorder import SweepRecords
-from .sweep import RECORDS_FILE, SWEEP_FILE, sweep_paths
+from .records import RECORDS_FILE, SWEEP_FILE, SweepRecords, sweep_paths
 from .sweep_config import SweepConfig, load_sweep
 
 
@@ -71,14 +71,25 @@ def ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[d
     teacher_sha = records.data.get("teacher", {}).get("sha256")
     entries = []
     for rank, record in enumerate(full[:top] if top else full, start=1):
-        config = TrainConfig.model_validate(record["config"]).model_dump(mode="json")
-        if teacher_sha and config["method"]["name"] != "baseline":
-            config["teacher"]["sha256"] = teacher_sha
+        config = export_config(record["config"], teacher_sha)
         entries.append({"rank": rank, "trial": record["trial_name"], "mlflow_run_id": record["run_id"],
                         "method": record["method"], "val_acc": record["metrics"]["val_acc"],
                         "test_acc": record["metrics"].get("test_acc"), "macs": record["metrics"].get("macs"),
                         "params": record["metrics"].get("params"), "config": config})
     return sweep, entries
+
+
+def export_config(config: dict[str, Any], teacher_sha256: str | None) -> dict[str, Any]:
+    """A trial's config as `kdarena train` takes it, pinned to its teacher's weights."""
+    config = TrainConfig.model_validate(config).model_dump(mode="json")
+    if teacher_sha256 and get_method(config["method"]["name"]).needs_teacher:
+        config["teacher"]["sha256"] = teacher_sha256
+    return config
+
+
+def config_yaml(config: dict[str, Any]) -> str:
+    """The YAML text of one exported config (also what the dashboard offers for download)."""
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def render(entries: list[dict[str, Any]], fmt: str) -> str:
@@ -89,7 +100,7 @@ def render(entries: list[dict[str, Any]], fmt: str) -> str:
         head = (f"# rank {e['rank']}: {e['method']}, trial {e['trial']}, val_acc {e['val_acc']:.4f}, "
                 f"test_acc {e['test_acc']:.4f}, MLflow run {e['mlflow_run_id']}\n"
                 f"# re-run: kdarena train THIS_FILE\n")
-        docs.append(head + yaml.safe_dump(e["config"], sort_keys=False))
+        docs.append(head + config_yaml(e["config"]))
     return "---\n".join(docs)
 
 

@@ -9,8 +9,6 @@ child runs and never logs an epoch twice.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,42 +18,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from .export import config_yaml, export_config
+from .records import SweepRecords
 from .tracking import flatten
 
 ROLE_TAG = "kdarena.role"
 PARENT_TAG = "mlflow.parentRunId"
 FULL_STATUSES = ("completed",)
-
-
-class SweepRecords:
-    """records.json: the sweep's parent run and, per trial, its run, config, last epoch and status."""
-
-    _open: dict[str, SweepRecords] = {}
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"parent_run_id": None, "trials": {}}
-
-    @classmethod
-    def open(cls, path: Path) -> SweepRecords:
-        """The one in-memory copy per file in this process, so no writer overwrites another's change."""
-        key = str(path.resolve())
-        if key not in cls._open:
-            cls._open[key] = cls(path)
-        return cls._open[key]
-
-    @classmethod
-    def close(cls, path: Path) -> None:
-        cls._open.pop(str(path.resolve()), None)
-
-    @property
-    def trials(self) -> dict[str, dict[str, Any]]:
-        return self.data["trials"]
-
-    def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".partial")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
 
 
 def trial_key(phase: str, trial_id: str) -> str:
@@ -164,9 +133,12 @@ class MLflowRecorder(Callback):
 
     # -- MLflow ----------------------------------------------------------------------
     def _create_run(self, key: str, record: dict[str, Any]) -> str:
+        teacher_sha = self.records.data.get("teacher", {}).get("sha256")
         tags = {PARENT_TAG: self.records.data["parent_run_id"], ROLE_TAG: self.phase, "kdarena.trial_key": key,
-                **record["tags"]}
+                **record["tags"], **({"kdarena.teacher_sha256": teacher_sha} if teacher_sha else {})}
         run = self.client.create_run(self.experiment_id, run_name=record["trial_name"], tags=tags)
+        # the config `kdarena export` would write for this trial, so any run can be re-run from MLflow alone
+        self.client.log_text(run.info.run_id, config_yaml(export_config(record["config"], teacher_sha)), "config.yaml")
         params = flatten("", record["config"])
         # the searched point under Optuna's own (method-prefixed) names, e.g. kd/temperature
         params |= flatten("", record["trial_config"], sep="/")

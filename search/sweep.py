@@ -16,7 +16,6 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -33,7 +32,8 @@ from kdarena.methods.space import Choice, Dimension, IntRange
 from kdarena.zoo.errors import UserError
 
 from .per_method import PerMethodASHA, PerMethodSearch
-from .recorder import LIVE_VIEWS, ROLE_TAG, MLflowRecorder, SweepRecords
+from .recorder import LIVE_VIEWS, ROLE_TAG, MLflowRecorder
+from .records import SWEEP_FILE, SweepPaths, SweepRecords, sweep_paths
 from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, method_space, trial_config
 from .teacher_store import check_writable
 from .tracking import resolve_tracking_uri
@@ -46,9 +46,7 @@ from .trial import run_trial, split_trial_params
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-RECORDS_FILE = "records.json"
 FINISHED = ("completed", "early-stopped", "diverged", "failed")
-SWEEP_FILE = "sweep.yaml"
 
 
 @dataclass(frozen=True)
@@ -93,29 +91,8 @@ class Describe:
         cfg = trial_config(sweep, method, index, options, params, seed=seed)
         tags = {"kdarena.method": method, "kdarena.student": cfg.student.arch, "kdarena.dataset": sweep.dataset.name,
                 "kdarena.teacher": sweep.teacher.arch, "kdarena.sweep": sweep.name,
-                "kdarena.student_label": sweep.students[index].label}
+                "kdarena.student_label": cfg.student.label, "kdarena.teacher_label": sweep.teacher.label}
         return cfg.model_dump(mode="json"), tags
-
-
-@dataclass
-class SweepPaths:
-    root: Path  # the sweep's own directory
-
-    @property
-    def records(self) -> Path:
-        return self.root / RECORDS_FILE
-
-    @property
-    def ray(self) -> Path:
-        return self.root / "ray"
-
-    def study(self, method: str) -> Path:
-        return self.root / f"optuna-{method}.journal"
-
-
-def sweep_paths(sweep: SweepConfig, storage: str | None) -> SweepPaths:
-    root = Path(storage or sweep.storage or "kdarena-sweeps").expanduser().resolve()
-    return SweepPaths(root / sweep.name)
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:

@@ -45,12 +45,6 @@ class StudentSpec(ModelConfig):
             _check_bounds(f"search.{name}", bounds, positive=True)
         return v
 
-    @property
-    def label(self) -> str:
-        """A short name for tables: arch plus its fixed options."""
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.arch}({opts})" if opts else self.arch
-
 
 class MethodSpec(_Strict):
     fix: dict[str, Any] = Field(default_factory=dict, description="parameters held fixed (method's own, lr, weight_decay)")

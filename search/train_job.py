@@ -28,6 +28,7 @@ from kdarena.zoo.models import StagedModel
 
 from .build import build_distiller, make_model, pair_info
 from .config import DatasetConfig, TeacherConfig, TrainConfig
+from .export import config_yaml, export_config
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
 from .tracking import flatten, source_commit
 
@@ -137,14 +138,16 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     mlflow.log_params(flatten("", {k: v for k, v in resolved.items() if k != "teacher"})
                       | flatten("teacher", {k: v for k, v in resolved["teacher"].items()}))
     tags = {"kdarena.method": cfg.method.name, "kdarena.student": cfg.student.arch, "kdarena.dataset": cfg.dataset.name,
-            "kdarena.teacher": cfg.teacher.arch if teacher else ""}
+            "kdarena.teacher": cfg.teacher.arch if teacher else "", "kdarena.student_label": cfg.student.label,
+            "kdarena.teacher_label": cfg.teacher.label if teacher else ""}
     if teacher:
         tags |= {"kdarena.teacher_sha256": teacher.sha256, "kdarena.teacher_key": teacher.key}
     commit = source_commit()
     if commit:
         tags["kdarena.git_commit"] = commit
     mlflow.set_tags(tags)
-    mlflow.log_dict(resolved, "config.json")
+    # the config `kdarena export` would write: re-runnable with `kdarena train`, pinned to this teacher
+    mlflow.log_text(config_yaml(export_config(resolved, teacher.sha256 if teacher else None)), "config.yaml")
     if source_config is not None:
         mlflow.log_dict(source_config, "config_source.json")
 

@@ -26,3 +26,21 @@ def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     return cache
+
+
+@pytest.fixture()
+def migrated_store(cache_env: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cache_env` whose MLflow store starts as a copy of an empty, already-migrated one.
+
+    A new sqlite store spends seconds on schema migrations; the run under
+    test still goes through the CLI into its own private store.
+    """
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    template = tmp_path_factory.getbasetemp() / "mlflow-migrated-template.db"
+    if not template.exists():
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+    shutil.copy(template, tmp_path / "mlflow.db")
+    return cache_env

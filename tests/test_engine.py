@@ -6,32 +6,24 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kdarena.methods import METHODS, PairInfo
+from kdarena.methods import METHODS
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit, lr_factor
 from kdarena.methods.kd import KD, kd_loss
 from kdarena.methods.recipe import Recipe
-from kdarena.zoo.models import build_model, stage_shapes
 
-
-def _cnn(digits, seed: int, channels: int = 8):
-    torch.manual_seed(seed)
-    return build_model("cnn", num_classes=10, in_channels=1, input_size=8, channels=channels)
-
-
-def _pair(student, teacher) -> PairInfo:
-    return PairInfo(stage_shapes(student, 1, 8), stage_shapes(teacher, 1, 8), 10, 1, 8)
+from helpers import digits_cnn, digits_pair as _pair
 
 
 def _teacher(digits):
-    teacher = _cnn(digits, 123, channels=16)
+    teacher = digits_cnn(123, channels=16)
     fit(Baseline(teacher, None, Baseline.Params(), _pair(teacher, teacher)), digits,
         Recipe(epochs=3, batch_size=64), device=torch.device("cpu"), evaluate_test=False)
     return teacher.eval()
 
 
 def test_engine_learns_digits_to_90_percent(digits):
-    student = _cnn(digits, 0)
+    student = digits_cnn(0)
     result = fit(Baseline(student, None, Baseline.Params(), _pair(student, student)), digits,
                  Recipe(epochs=12, batch_size=64, lr=0.05), device=torch.device("cpu"))
     assert result.status == "completed"
@@ -43,7 +35,7 @@ def test_engine_learns_digits_to_90_percent(digits):
 def test_kd_with_alpha_zero_equals_baseline_step_for_step(digits):
     teacher = _teacher(digits)
     recipe = Recipe(epochs=2, batch_size=64)
-    a, b = _cnn(digits, 5), _cnn(digits, 5)
+    a, b = digits_cnn(5), digits_cnn(5)
     ra = fit(Baseline(a, None, Baseline.Params(), _pair(a, teacher)), digits, recipe, device=torch.device("cpu"))
     rb = fit(KD(b, teacher, KD.Params(alpha=0.0, temperature=4.0), _pair(b, teacher)), digits, recipe,
              device=torch.device("cpu"))
@@ -65,7 +57,7 @@ def test_kd_loss_equals_hand_computation():
 
 def test_kd_total_loss_mixes_ce_and_soft_term(digits):
     teacher = _teacher(digits)
-    student = _cnn(digits, 1)
+    student = digits_cnn(1)
     kd = KD(student, teacher, KD.Params(alpha=0.7, temperature=2.0), _pair(student, teacher))
     x = torch.randn(6, 1, 8, 8)
     y = torch.randint(0, 10, (6,))
@@ -85,12 +77,12 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(digits, tmp_path):
         kd = KD(model, teacher, KD.Params(), _pair(model, teacher))
         return fit(kd, digits, recipe, device=torch.device("cpu"), checkpoint_path=ckpt, on_epoch=on_epoch)
 
-    whole = _cnn(digits, 9)
+    whole = digits_cnn(9)
     full = run(whole, tmp_path / "a.pt")
-    resumed_model = _cnn(digits, 9)
+    resumed_model = digits_cnn(9)
     with pytest.raises(KeyboardInterrupt):
         run(resumed_model, tmp_path / "b.pt", stop_after=2)
-    fresh = _cnn(digits, 9)  # a new process: fresh weights, the checkpoint carries the rest
+    fresh = digits_cnn(9)  # a new process: fresh weights, the checkpoint carries the rest
     resumed = run(fresh, tmp_path / "b.pt")
     assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
     assert resumed.test_acc == full.test_acc
@@ -109,7 +101,7 @@ class _Exploding(Baseline):
 
 
 def test_non_finite_loss_ends_run_as_diverged(digits):
-    student = _cnn(digits, 0)
+    student = digits_cnn(0)
     result = fit(_Exploding(student, None, Baseline.Params(), _pair(student, student)), digits,
                  Recipe(epochs=5, batch_size=64), device=torch.device("cpu"))
     assert result.status == "diverged"
@@ -127,7 +119,7 @@ def test_schedules_warm_up_then_decay():
 
 
 def test_adamw_recipe_trains(digits):
-    student = _cnn(digits, 0)
+    student = digits_cnn(0)
     result = fit(Baseline(student, None, Baseline.Params(), _pair(student, student)), digits,
                  Recipe(epochs=3, optimizer="adamw", lr=3e-3, weight_decay=1e-4), device=torch.device("cpu"))
     assert result.history[-1].val_acc > 0.5

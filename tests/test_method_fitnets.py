@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -14,23 +13,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 import kdarena.search.cli
-from kdarena.methods import METHODS, PairInfo, StepInfo
+from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.fitnets import FitNets, hint_stage_epochs
 from kdarena.methods.recipe import Recipe
-from kdarena.zoo.models import build_model, stage_shapes
-
-CPU = torch.device("cpu")
-
-
-def _model(arch: str, seed: int, **options):
-    torch.manual_seed(seed)
-    return build_model(arch, num_classes=10, in_channels=1, input_size=8, **options)
-
-
-def _pair(student, teacher) -> PairInfo:
-    return PairInfo(stage_shapes(student, 1, 8), stage_shapes(teacher, 1, 8), 10, 1, 8)
+from helpers import CPU, digits_model as _model, digits_pair as _pair
 
 
 def _fitnets(student, teacher, **params) -> FitNets:
@@ -40,20 +28,6 @@ def _fitnets(student, teacher, **params) -> FitNets:
 
 def _f(t: torch.Tensor) -> float:
     return float(t.detach())
-
-
-@pytest.fixture()
-def migrated_store(cache_env, tmp_path, tmp_path_factory):
-    """`cache_env` whose MLflow store starts as a copy of an empty, already-migrated one.
-
-    A new sqlite store spends ~7 s on schema migrations on a loaded machine;
-    the run under test still goes through the CLI into its own private store.
-    """
-    template = tmp_path_factory.getbasetemp() / "mlflow-migrated-template.db"
-    if not template.exists():
-        MlflowClient(f"sqlite:///{template}").search_experiments()
-    shutil.copy(template, tmp_path / "mlflow.db")
-    return cache_env
 
 
 def _batch(n: int = 6):

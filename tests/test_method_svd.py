@@ -12,23 +12,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from kdarena.methods import METHODS, PairInfo, StepInfo
+from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.svd import SVD, GuardedSVD, align, canonical_signs, svd_loss
 from kdarena.search.cli import app
 from kdarena.zoo.data import Split
-from kdarena.zoo.models import build_model, stage_shapes
-
-
-def _cnn(seed: int, channels: int):
-    torch.manual_seed(seed)
-    return build_model("cnn", num_classes=10, in_channels=1, input_size=8, channels=channels)
-
-
-def _pair(student, teacher) -> PairInfo:
-    return PairInfo(stage_shapes(student, 1, 8), stage_shapes(teacher, 1, 8), 10, 1, 8)
+from kdarena.zoo.models import build_model
+from helpers import digits_cnn as _cnn, digits_pair as _pair
 
 
 def _svd(student, teacher, **params) -> SVD:

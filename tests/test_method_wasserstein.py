@@ -11,24 +11,13 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
 
-from kdarena.methods import METHODS, PairInfo
+from kdarena.methods import METHODS
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.wasserstein import Wasserstein, gradient_penalty
 from kdarena.search.cli import app
-from kdarena.zoo.models import build_model, stage_shapes
-
-CPU = torch.device("cpu")
-
-
-def _model(arch: str, seed: int, **options):
-    torch.manual_seed(seed)
-    return build_model(arch, num_classes=10, in_channels=1, input_size=8, **options)
-
-
-def _pair(student, teacher) -> PairInfo:
-    return PairInfo(stage_shapes(student, 1, 8), stage_shapes(teacher, 1, 8), 10, 1, 8)
+from helpers import CPU, digits_model as _model, digits_pair as _pair
 
 
 def _wasserstein(student, teacher, **params) -> Wasserstein:

@@ -63,7 +63,7 @@ def test_train_kd_prints_json_and_records_everything(cache_env, tmp_path):
     assert run.data.tags["kdarena.teacher_sha256"] == summary["teacher_sha256"]
     assert run.data.tags["kdarena.status"] == "completed"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"student.pt", "config.json"} <= artifacts
+    assert {"student.pt", "config.yaml"} <= artifacts
     # the artifact is a loadable state_dict of the deployed student
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="student.pt",
                                                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

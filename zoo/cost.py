@@ -45,7 +45,8 @@ def profile_cost(model: nn.Module, *, in_channels: int, input_size: int, latency
         raise ValueError(f"latency_repeats must be >= 0, got {latency_repeats}")
     params = count_params(model)
     probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    x = torch.randn(1, in_channels, input_size, input_size)
+    # a private generator: profiling must not move the global RNG a training run depends on
+    x = torch.randn(1, in_channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         counter = FlopCounterMode(display=False)
         with counter:

@@ -1,0 +1,62 @@
+"""A sweep's directory and its record file: plain files, readable without Ray or MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .sweep_config import SweepConfig
+
+RECORDS_FILE = "records.json"
+SWEEP_FILE = "sweep.yaml"
+
+
+class SweepRecords:
+    """records.json: the sweep's parent run and, per trial, its run, config, last epoch and status."""
+
+    _open: dict[str, SweepRecords] = {}
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"parent_run_id": None, "trials": {}}
+
+    @classmethod
+    def open(cls, path: Path) -> SweepRecords:
+        """The one in-memory copy per file in this process, so no writer overwrites another's change."""
+        key = str(path.resolve())
+        if key not in cls._open:
+            cls._open[key] = cls(path)
+        return cls._open[key]
+
+    @property
+    def trials(self) -> dict[str, dict[str, Any]]:
+        return self.data["trials"]
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class SweepPaths:
+    root: Path  # the sweep's own directory
+
+    @property
+    def records(self) -> Path:
+        return self.root / RECORDS_FILE
+
+    @property
+    def ray(self) -> Path:
+        return self.root / "ray"
+
+    def study(self, method: str) -> Path:
+        return self.root / f"optuna-{method}.journal"
+
+
+def sweep_paths(sweep: SweepConfig, storage: str | None) -> SweepPaths:
+    root = Path(storage or sweep.storage or "kdarena-sweeps").expanduser().resolve()
+    return SweepPaths(root / sweep.name)
