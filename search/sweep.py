@@ -44,6 +44,8 @@ from .trial import run_trial, split_trial_params
 # Ray's own console reporter would interleave with kdarena's live view: the old
 # reporter at verbosity 0 prints nothing.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# small sweeps checkpoint often by design; Ray's "syncing took long" advice is noise here
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 FINISHED = ("completed", "early-stopped", "diverged", "failed")

@@ -44,3 +44,54 @@ def migrated_store(cache_env: Path, tmp_path: Path, tmp_path_factory: pytest.Tem
         MlflowClient(f"sqlite:///{template}").search_experiments()
     shutil.copy(template, tmp_path / "mlflow.db")
     return cache_env
+
+
+# A small real sweep, run once per test session, whose MLflow store the
+# leaderboard and dashboard tests read: two students, three methods (one
+# forced to diverge), final runs on two seeds, plus one `kdarena train` run.
+SWEPT = {
+    "name": "swept",
+    "dataset": {"name": "digits"},
+    "teacher": {"arch": "cnn", "options": {"channels": 16}, "recipe": {"epochs": 3}},
+    "students": [{"arch": "cnn", "options": {"channels": 4}}, {"arch": "cnn", "options": {"channels": 8}}],
+    "methods": {"baseline": {}, "kd": {}, "fitnets": {"fix": {"lr": 1.0e4}}},
+    "budget": {"trials_per_method": 3, "epochs": 3, "grace_period": 1, "reduction_factor": 2},
+    "final": {"seeds": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def swept_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """{'tracking_uri', 'work', 'sweep_dir'}: a store written by a real sweep on a real local Ray."""
+    import ray
+    import yaml
+
+    from kdarena.search.config import parse_config
+    from kdarena.search.sweep import run_sweep
+    from kdarena.search.sweep_config import parse_sweep
+    from kdarena.search.train_job import run_train
+
+    work = tmp_path_factory.mktemp("swept")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    saved_env = {k: os.environ.get(k) for k in ("KDARENA_CACHE", "MLFLOW_TRACKING_URI")}
+    os.environ["KDARENA_CACHE"] = str(work / "cache")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    cwd = Path.cwd()
+    os.chdir(work)
+    try:
+        (work / "swept.yaml").write_text(yaml.safe_dump(SWEPT))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 ignore_reinit_error=True)
+        try:
+            outcome = run_sweep(parse_sweep(SWEPT, "swept.yaml"), SWEPT)
+        finally:
+            ray.shutdown()
+        run_train(parse_config({"teacher": SWEPT["teacher"], "train": {"epochs": 3}}), uri)
+    finally:
+        os.chdir(cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"tracking_uri": uri, "work": work, "sweep_dir": outcome.paths.root}
