@@ -172,6 +172,208 @@ def export(
             err.print(f"wrote {path}", highlight=False)
 
 
+LEADERBOARD_FORMATS = ("table", "markdown", "csv", "json")
+# the columns `--format csv|json` write, ours and the reported rows alike
+LEADERBOARD_FIELDS = ["rank", "dataset", "teacher", "student", "method", "test_acc_mean", "test_acc_std", "n_seeds",
+                      "params", "macs", "flops", "latency_ms", "key_hparams", "pareto", "source", "reported", "run_id",
+                      "sweep", "variant", "test_errors", "test_size", "note"]
+
+
+@app.command()
+def leaderboard(
+    dataset: Annotated[str | None, typer.Option(help="only this dataset, e.g. digits or cifar100")] = None,
+    teacher: Annotated[str | None, typer.Option(help="only this teacher, by its label, e.g. 'cnn(channels=16)' or resnet56")] = None,
+    by: Annotated[str, typer.Option(help="cost axis of the Pareto front: macs, params or latency")] = "macs",
+    pareto_only: Annotated[bool, typer.Option("--pareto-only", help="only our rows on the Pareto front")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="write to FILE instead of stdout")] = None,
+    export_dir: Annotated[Path | None, typer.Option("--export", metavar="DIR", help="write DIR/<dataset>.md, one Markdown file per dataset")] = None,
+    references: Annotated[bool, typer.Option("--references/--no-references", help="show the published results beside ours")] = True,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
+) -> None:
+    """Rank the students by test accuracy beside their cost, with the Pareto front and the published results."""
+    from kdarena.dashboard import queries as q
+
+    from .tracking import resolve_tracking_uri
+
+    try:
+        if by not in ("macs", "params", "latency"):
+            raise UserError(f"--by {by!r}: choose macs, params or latency")
+        if fmt not in LEADERBOARD_FORMATS:
+            raise UserError(f"--format {fmt!r}: choose {', '.join(LEADERBOARD_FORMATS)}")
+        if export_dir is not None and export_dir.exists() and not export_dir.is_dir():
+            raise UserError(f"--export {export_dir}: not a directory; pass a folder such as leaderboards/")
+        uri = resolve_tracking_uri(tracking_uri)
+        runs = _read_runs(q, uri)
+        if runs.empty:
+            _empty_store(f"No kdarena runs in {uri} yet.", fmt, output)
+            return
+        board = q.leaderboard(runs, dataset=dataset, teacher=teacher, by=by)
+        if pareto_only:
+            board = board[board["pareto"]]
+        # the published results stand after ours: the same dataset's first, then the other datasets'
+        refs = q.reference_rows(dataset, teacher) if references else q.reference_rows().iloc[0:0]
+        if board.empty:
+            if dataset is None and teacher is None:
+                _empty_store(f"No finished full-budget run in {uri} yet ({len(runs)} runs recorded: stopped early, "
+                             "diverged, failed or still running).", fmt, output)
+                return
+            if refs.empty:
+                _unknown_filter(q, runs, dataset, teacher)
+            err.print("none of our runs match; showing the published results only", highlight=False)
+        rows = q.with_references(board, refs)
+        if export_dir is not None:
+            for path in _export_markdown(q, rows, by, export_dir):
+                err.print(f"wrote {path}", highlight=False)
+            if output is None:
+                return
+        text = _render_leaderboard(q, rows, fmt, by, color=output is None and out.is_terminal)
+        if output is not None:
+            _write_atomic(output, text)
+            err.print(f"wrote {output}", highlight=False)
+        else:
+            print(text, end="" if text.endswith("\n") else "\n")
+    except UserError as exc:
+        _fail(exc)
+
+
+def _read_runs(q, uri: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return q.load_runs(uri)
+    except MlflowException as exc:
+        raise UserError(f"cannot read runs from {uri}: {str(exc).splitlines()[0]}; check --tracking-uri") from None
+
+
+def _empty_store(message: str, fmt: str, output: Path | None) -> None:
+    from kdarena.dashboard.queries import QUICKSTART_COMMAND
+
+    hint = f"{message} Start with `{QUICKSTART_COMMAND}` (a few minutes on a laptop), then run `kdarena leaderboard` again."
+    if fmt in ("csv", "json"):  # machine formats stay parseable: an empty document on stdout, the hint on stderr
+        empty = "[]\n" if fmt == "json" else ",".join(LEADERBOARD_FIELDS) + "\n"
+        if output is not None:
+            _write_atomic(output, empty)
+        else:
+            print(empty, end="")
+        err.print(hint, highlight=False, soft_wrap=True)
+    else:
+        out.print(hint, highlight=False, soft_wrap=True)
+
+
+def _unknown_filter(q, runs, dataset: str | None, teacher: str | None) -> None:
+    done = q.finished(runs)
+    refs = q.reference_rows()
+    known_ds = sorted(set(done["dataset"].dropna()) | set(refs["dataset"]))
+    known_t = sorted(set(done["teacher"].dropna()) - {""} | set(refs["teacher"]))
+    parts = []
+    if dataset is not None and dataset not in known_ds:
+        parts.append(f"--dataset {dataset!r} has no finished runs or published results; known: {', '.join(known_ds)}")
+    if teacher is not None and teacher not in known_t:
+        parts.append(f"--teacher {teacher!r} has no finished runs or published results; known: {', '.join(known_t)}")
+    if not parts:
+        parts.append(f"no finished runs or published results for --dataset {dataset} with --teacher {teacher}")
+    raise UserError("; ".join(parts))
+
+
+def _frame_for_export(rows):
+    frame = rows.reindex(columns=LEADERBOARD_FIELDS).copy()
+    for col in ("rank", "n_seeds", "test_errors", "test_size"):
+        frame[col] = frame[col].astype("Float64").round().astype("Int64")
+    frame["pareto"] = frame["pareto"].astype(bool)
+    frame["reported"] = frame["reported"].astype(bool)
+    return frame
+
+
+def _render_leaderboard(q, rows, fmt: str, by: str, color: bool = False) -> str:
+    if fmt == "markdown":
+        return q.markdown_report(rows, by=by, title="kdarena leaderboard")
+    if fmt == "csv":
+        return _frame_for_export(rows).to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(json.loads(_frame_for_export(rows).to_json(orient="records", double_precision=15)), indent=2) + "\n"
+    import io
+
+    buffer = io.StringIO()
+    # a terminal gets its own width and colours; a pipe or a file gets room for every column
+    console = Console(file=buffer, width=out.width if color else 220, force_terminal=color, no_color=not color,
+                      highlight=False)
+    cost = {"macs": "MACs", "params": "params", "latency": "latency"}[by]
+    for ds in dict.fromkeys(rows["dataset"]):
+        table = Table(*q.DISPLAY_HEADERS.values(), title=f"{ds}: ranked by test accuracy; ★ = Pareto front vs {cost}")
+        for r, raw in zip(q.display_rows(rows[rows["dataset"] == ds]), rows[rows["dataset"] == ds]["reported"]):
+            table.add_row(*(r[k] for k in q.DISPLAY_HEADERS), style="dim" if raw else None)
+        console.print(table)
+    console.print("test_acc: mean ± sample std over final seeds, else one `kdarena train` run or the best full-budget "
+                  "trial (picked by val_acc)." + (" ref = reported (not reproduced): a published figure, shown for "
+                                                   "context, never ranked among ours." if rows["reported"].any() else ""),
+                  soft_wrap=True)
+    return buffer.getvalue()
+
+
+def _export_markdown(q, rows, by: str, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in dict.fromkeys(rows["dataset"]):
+        path = folder / f"{_slug(ds)}.md"
+        _write_atomic(path, q.markdown_report(rows[rows["dataset"] == ds], by=by, title=f"kdarena leaderboard: {ds}"))
+        paths.append(path)
+    return paths
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "dataset"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """All or nothing: a half-written leaderboard never replaces a good one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@app.command()
+def dashboard(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to serve on")] = 8501,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 opens the dashboard to the network")] = "127.0.0.1",
+) -> None:
+    """Serve the dashboard (leaderboard, sweeps, runs) in the browser; it only reads the MLflow store."""
+    import errno
+    import os
+    import socket
+
+    import kdarena.dashboard
+
+    from .tracking import check_tracking_uri
+
+    try:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        if not uri.startswith("sqlite:///"):  # a sqlite store is only read: it need not be writable, nor exist yet
+            check_tracking_uri(uri)
+        try:
+            with socket.create_server((host, port)):
+                pass
+        except OSError as exc:
+            what = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+            raise UserError(f"cannot serve on {host}:{port}: {what}; pass another --port (or --host)") from None
+    except UserError as exc:
+        _fail(exc)
+    app_file = Path(kdarena.dashboard.__file__).with_name("app.py")
+    err.print(f"kdarena dashboard: http://{host}:{port} (reading {uri}); Ctrl-C stops it", highlight=False,
+              soft_wrap=True)
+    env = os.environ | {"KDARENA_TRACKING_URI": uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    args = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.headless", "true",
+            "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", "--tracking-uri", uri]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, args, env)  # streamlit takes over this process: Ctrl-C and kill reach it directly
+
+
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """List the model zoo with params and MACs at each model's default input."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from kdarena.dashboard.pareto import pareto_front
 from kdarena.methods import get_method
 from kdarena.zoo.errors import UserError
 
@@ -38,17 +39,6 @@ def find_sweep_dir(target: str) -> Path:
         return named.resolve()
     raise UserError(f"no sweep results at {target}: pass a sweep directory (with {RECORDS_FILE}), a sweep file, "
                     "or the name of a sweep under ./kdarena-sweeps")
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated under (accuracy: higher better, cost: lower better)."""
-    front = []
-    for i, (acc_i, cost_i) in enumerate(points):
-        dominated = any((acc_j >= acc_i and cost_j <= cost_i) and (acc_j > acc_i or cost_j < cost_i)
-                        for j, (acc_j, cost_j) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
-    return front
 
 
 def ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[dict[str, Any]]]:

@@ -117,6 +117,8 @@ class MLflowRecorder(Callback):
                  if k in last and (k != "test_acc" or record["status"] == "completed")}
         final["epochs_completed"] = record["epochs_logged"]
         record["metrics"] = final
+        checkpoint = trial.checkpoint  # the last epoch's (one kept per trial)
+        record["checkpoint"] = checkpoint.path if checkpoint is not None else None
         self._finish(record, "FINISHED" if record["status"] != "diverged" else "FAILED")
         self.on_event("complete", key, record)
 

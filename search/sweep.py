@@ -16,6 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -216,6 +217,7 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
             {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
         _search(sweep, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc)
         best = best_trials(records, sweep.budget.epochs)
+        _log_best_students(client, parent_id, best)
         seeds = final_seeds if final_seeds is not None else sweep.final.seeds
         finals = _final_runs(sweep, best, seeds, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc) if seeds else {}
         client.set_terminated(parent_id, "FINISHED")
@@ -274,6 +276,30 @@ def _run_config(name: str, paths: SweepPaths, recorder: MLflowRecorder) -> tune.
     return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=[recorder], verbose=0,
                           failure_config=tune.FailureConfig(max_failures=2),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+
+def _log_best_students(client: MlflowClient, parent_id: str, best: dict[str, dict[str, Any]]) -> None:
+    """Each method's best student as `student.pt` (a plain state_dict) in its run; the overall best also in the parent."""
+    import tempfile
+
+    import torch
+
+    from .trial import CHECKPOINT_FILE
+
+    ranked = sorted(best.values(), key=lambda r: -r["metrics"]["val_acc"])
+    for i, record in enumerate(ranked):
+        source = Path(record.get("checkpoint") or "") / CHECKPOINT_FILE
+        if not source.is_file():
+            continue
+        state = torch.load(source, map_location="cpu", weights_only=True)["distiller"]
+        student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "student.pt"
+            torch.save(student, path)
+            client.log_artifact(record["run_id"], str(path))
+            if i == 0:
+                client.log_artifact(parent_id, str(path))
+                client.set_tag(parent_id, "kdarena.best_run_id", record["run_id"])
 
 
 def best_trials(records: SweepRecords, epochs: int, phase: str = "trial") -> dict[str, dict[str, Any]]:

@@ -113,6 +113,15 @@ def test_mlflow_has_parent_and_one_child_per_trial_with_prefixed_params(small_sw
         assert run.data.metrics["epochs_completed"] == len(steps)
     # the teacher was trained once, as its own run, before any trial
     assert sum(r.data.tags.get("kdarena.role") == "teacher" for r in runs) == 1
+    # the best student's weights: in the parent run and in its own trial's run, loadable into its model
+    best = client.get_run(parent.data.tags["kdarena.best_run_id"])
+    for run_id in (parent.info.run_id, best.info.run_id):
+        assert "student.pt" in {a.path for a in client.list_artifacts(run_id)}
+    local = client.download_artifacts(parent.info.run_id, "student.pt", str(work))
+    import torch
+    from kdarena.zoo.models import build_model
+    model = build_model("cnn", num_classes=10, in_channels=1, input_size=8, channels=4)
+    model.load_state_dict(torch.load(local, weights_only=True))
 
 
 def test_final_runs_repeat_each_best_config_on_seeds(small_sweep):
@@ -298,3 +307,17 @@ def test_shipped_sweeps_validate_and_every_method_fits_every_pair(preset):
     # the pair check needs only the data's shape
     split = Split(torch.zeros(2, c, size, size, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
     check_pairs(sweep, Dataset(sweep.dataset.name, split, split, split, classes, mean=(0.5,) * c, std=(0.25,) * c))
+
+
+@pytest.mark.slow
+def test_quickstart_preset_runs_every_method(tmp_path):
+    env = os.environ | {"KDARENA_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "kdarena"), "sweep", "--preset", "quickstart"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = _records(tmp_path / "kdarena-sweeps" / "quickstart")
+    from collections import Counter
+    per_method = Counter(r["method"] for r in records["trials"].values())
+    assert per_method == dict.fromkeys(["baseline", "kd", "fitnets", "fsp", "svd", "adversarial", "wasserstein", "at"], 6)
+    assert all(r["status"] in ("completed", "early-stopped", "diverged") for r in records["trials"].values())
+    assert "kdarena export" in proc.stdout
