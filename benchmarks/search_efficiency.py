@@ -34,11 +34,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--student-channels", type=int, default=4, help="a small student leaves room to find")
     args = parser.parse_args()
     workspace("search")
     base = {"dataset": {"name": "digits"},
             "teacher": {"arch": "cnn", "options": {"channels": 32}, "recipe": {"epochs": 15}},
-            "students": [{"arch": "cnn", "options": {"channels": 8}}], "methods": {"kd": {}},
+            "students": [{"arch": "cnn", "options": {"channels": args.student_channels}}], "methods": {"kd": {}},
             "resources": {"cpu": 1}}
     tpe_doc = base | {"name": "tpe-asha", "sampler": "tpe",
                       "budget": {"trials_per_method": args.trials, "epochs": args.epochs, "grace_period": 1,
@@ -51,7 +52,8 @@ def main() -> None:
     _, rnd = timed_sweep(random_doc, num_cpus=2)
 
     marks = [round(spent * f) for f in (0.25, 0.5, 0.75, 1.0)]
-    print(f"kd on digits, cnn(32) -> cnn(8), {args.epochs} epochs per full trial, {spent} epochs of compute each")
+    print(f"kd on digits, cnn(32) -> cnn({args.student_channels}), {args.epochs} epochs per full trial, "
+          f"{spent} epochs of compute each")
     print(f"TPE + ASHA: {args.trials} trials; random, no early stopping: {random_trials} trials")
     print("| epochs spent | " + " | ".join(map(str, marks)) + " |")
     print("|---|" + "---|" * len(marks))
