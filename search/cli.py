@@ -128,6 +128,7 @@ def sweep(
 
 def _print_sweep_summary(cfg, outcome) -> None:
     from .sweep_view import key_params
+    from .tracking import default_tracking_uri
 
     table = Table("method", "student", "val_acc", "test_acc", "final test_acc", "MACs", "best config",
                   title=f"sweep {cfg.name}: best full-budget trial per method")
@@ -142,9 +143,10 @@ def _print_sweep_summary(cfg, outcome) -> None:
     missing = [m for m in cfg.methods if m not in outcome.best]
     if missing:
         out.print(f"no full-budget trial for: {', '.join(missing)} (all stopped early, diverged or failed)")
+    uri_opt = "" if outcome.tracking_uri == default_tracking_uri() else f" --tracking-uri {outcome.tracking_uri}"
     out.print(f"Results: {outcome.paths.root}; MLflow parent run {outcome.parent_run_id} in {outcome.tracking_uri}.\n"
-              f"Next: `kdarena export {outcome.paths.root} --top 3`, `mlflow ui --backend-store-uri {outcome.tracking_uri}`.",
-              highlight=False)
+              f"Next: `kdarena leaderboard{uri_opt}` to rank the students, `kdarena dashboard{uri_opt}` to browse them, "
+              f"`kdarena export {outcome.paths.root} --top 3` for re-runnable configs.", highlight=False)
 
 
 @app.command()
@@ -348,10 +350,10 @@ def dashboard(
 
     import kdarena.dashboard
 
-    from .tracking import check_tracking_uri
+    from .tracking import check_tracking_uri, default_tracking_uri
 
     try:
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
         if not uri.startswith("sqlite:///"):  # a sqlite store is only read: it need not be writable, nor exist yet
             check_tracking_uri(uri)
         try:

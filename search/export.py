@@ -72,6 +72,10 @@ def ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[d
 def export_config(config: dict[str, Any], teacher_sha256: str | None) -> dict[str, Any]:
     """A trial's config as `kdarena train` takes it, pinned to its teacher's weights."""
     config = TrainConfig.model_validate(config).model_dump(mode="json")
+    # free-form mappings in one order, so every writer of a config gives the same bytes
+    for section in (config["method"], config["student"], config["teacher"]):
+        key = "params" if section is config["method"] else "options"
+        section[key] = dict(sorted(section[key].items()))
     if teacher_sha256 and get_method(config["method"]["name"]).needs_teacher:
         config["teacher"]["sha256"] = teacher_sha256
     return config

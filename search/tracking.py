@@ -18,9 +18,13 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
     The default is the one the `mlflow` CLI uses, so `mlflow ui` started in
     the same directory shows the same runs.
     """
-    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     check_tracking_uri(uri)
     return uri
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def check_tracking_uri(uri: str) -> None:

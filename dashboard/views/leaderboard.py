@@ -1,0 +1,130 @@
+"""Leaderboard: students ranked by test accuracy, against their cost, beside the published results."""
+
+import pandas as pd
+import streamlit as st
+
+from kdarena.dashboard.views import (SWEEPS_PAGE, cached_leaderboard, cached_references, empty_state, finite, open_run,
+                                     runs_or_stop, student_runs, tracking_uri)
+from kdarena.dashboard.views.charts import COSTS, leaderboard_figure, method_colours
+
+ALL = "All"
+AXES = {"MACs": "macs", "params": "params", "latency": "latency"}
+
+uri = tracking_uri()
+st.title("Leaderboard")
+runs = runs_or_stop(uri)
+ours = student_runs(runs)
+if ours.empty:
+    empty_state(uri)
+    st.stop()
+
+ours_datasets = sorted(ours["dataset"].dropna().astype(str).unique())
+published = cached_references(None)
+datasets = ours_datasets + sorted(set(published["dataset"].dropna().astype(str)) - set(ours_datasets))
+top = st.columns([1.2, 1.2, 1, 1.4])
+dataset = top[0].selectbox("Dataset", datasets, key="lb_dataset",
+                           format_func=lambda d: d if d in ours_datasets else f"{d} (published results only)")
+axis = top[3].radio("Cost axis", list(AXES), horizontal=True, key="lb_axis",
+                    help="MACs = FLOPs / 2, the convention of most papers; latency: CPU, batch 1")
+by = AXES[axis]
+base = cached_leaderboard(uri, dataset, None, None, None, None, None, by)
+refs = cached_references(dataset)
+
+
+def options(column: str, *frames: pd.DataFrame) -> list[str]:
+    values = set()
+    for frame in frames:
+        values |= set(frame[column].dropna().astype(str)) - {""}
+    return [ALL] + sorted(values)
+
+
+def keep(frame: pd.DataFrame, column: str, value: str | None) -> pd.DataFrame:
+    return frame if value is None else frame[frame[column].astype(str) == value]
+
+
+# the filters apply to our rows and the published ones alike
+teacher = top[1].selectbox("Teacher", options("teacher", base, refs), key="lb_teacher")
+teacher = None if teacher == ALL else teacher
+base_t, refs_t = keep(base, "teacher", teacher), keep(refs, "teacher", teacher)
+row2 = st.columns([1.2, 1.2, 1, 1, 0.8])
+method = row2[0].selectbox("Method", options("method", base_t, refs_t), key="lb_method")
+method = None if method == ALL else method
+student = row2[1].selectbox("Student", options("student", keep(base_t, "method", method), keep(refs_t, "method", method)),
+                            key="lb_student")
+student = None if student == ALL else student
+max_macs = row2[2].number_input("Max MACs", min_value=0.0, value=None, step=1e6, format="%.0f", key="lb_max_macs",
+                                placeholder="no limit")
+max_params = row2[3].number_input("Max params", min_value=0.0, value=None, step=1e5, format="%.0f",
+                                  key="lb_max_params", placeholder="no limit")
+show_refs = row2[4].toggle("Published", value=True, key="lb_refs", help="results reported in the papers, as hollow markers")
+
+board = cached_leaderboard(uri, dataset, teacher, method, student, max_macs, max_params, by)
+refs = keep(keep(refs_t, "method", method), "student", student) if show_refs else refs.iloc[0:0]
+for column, limit in (("macs", max_macs), ("params", max_params)):
+    if limit is not None:
+        refs = refs[pd.to_numeric(refs[column], errors="coerce").le(limit)]
+
+if board.empty:
+    if dataset not in ours_datasets:
+        st.info(f"No run of ours on {dataset} yet: the points are published results, reported and not reproduced.",
+                icon=":material/menu_book:")
+    elif base.empty:
+        st.info(f"No full-budget run on {dataset} yet: every trial so far stopped early, diverged or failed. "
+                "The Sweeps page shows them.", icon=":material/hourglass:")
+        st.page_link(SWEEPS_PAGE, label="Open the Sweeps page", icon=":material/query_stats:")
+    else:
+        st.info("None of our students matches these filters.", icon=":material/filter_alt_off:")
+else:
+    column = COSTS[by][0]
+    shown_cost = board[column].notna().sum()
+    st.caption(f"{len(board)} students (dataset, teacher, student, method), mean ± std test accuracy over seeds; "
+               f"★ = on the Pareto front of test accuracy vs {axis}"
+               + (f" ({len(board) - shown_cost} without a {axis} figure are not drawn)" if shown_cost < len(board) else "")
+               + ". Hollow markers: published results. Methods of equal cost are spread a little sideways. "
+               "Click a point to open its run.")
+colours = method_colours(list(board["method"].dropna().astype(str)) + list(refs["method"].dropna().astype(str)))
+if len(board) or len(refs):
+    event = st.plotly_chart(leaderboard_figure(board, refs, by, colours), key="lb_chart", on_select="rerun",
+                            selection_mode="points", config={"displaylogo": False})
+    for point in (event.selection.points if event and event.selection else []):
+        data = point.get("customdata") or []
+        if isinstance(data, (list, tuple)) and data and data[0]:
+            open_run(str(data[0]))
+
+if len(board):
+    table = board.assign(pareto=board["pareto"].fillna(False).astype(bool),
+                         test_acc_mean=100 * pd.to_numeric(board["test_acc_mean"], errors="coerce"),
+                         test_acc_std=(100 * pd.to_numeric(board["test_acc_std"], errors="coerce"))
+                         .where(pd.to_numeric(board["n_seeds"], errors="coerce") > 1))  # no spread from one run
+    columns = ["rank", "pareto", "student", "method", "teacher", "test_acc_mean", "test_acc_std", "n_seeds", "params",
+               "macs", "latency_ms", "key_hparams", "run_id"]
+    st.dataframe(table[[c for c in columns if c in table]], hide_index=True, key="lb_table", placeholder="—", column_config={
+        "rank": st.column_config.NumberColumn("#", width="small"),
+        "pareto": st.column_config.CheckboxColumn("★ Pareto", width="small"),
+        "test_acc_mean": st.column_config.NumberColumn("test acc (%)", format="%.2f"),
+        "test_acc_std": st.column_config.NumberColumn("± std", format="%.2f"),
+        "n_seeds": st.column_config.NumberColumn("seeds", width="small"),
+        "params": st.column_config.NumberColumn("params", format="localized"),
+        "macs": st.column_config.NumberColumn("MACs", format="localized"),
+        "latency_ms": st.column_config.NumberColumn("latency (ms)", format="%.3f"),
+        "key_hparams": st.column_config.TextColumn("key hyper-parameters"),
+        "run_id": st.column_config.TextColumn("MLflow run"),
+    })
+    labels = {str(r["run_id"]): f"#{r['rank']} {r['method']} · {r['student']} · "
+              + (f"{100 * float(r['test_acc_mean']):.2f}%" if finite(r["test_acc_mean"]) else "—")
+              for _, r in board.iterrows() if isinstance(r["run_id"], str) and r["run_id"]}
+    pick = st.columns([3, 1])
+    chosen = pick[0].selectbox("Open a run", list(labels), format_func=labels.get, key="lb_open",
+                               label_visibility="collapsed")
+    if pick[1].button("Open run", key="lb_open_button", icon=":material/open_in_new:") and chosen:
+        open_run(chosen)
+
+if len(refs):
+    with st.expander(f"Published results ({len(refs)}): reported in the papers, not reproduced here",
+                     expanded=board.empty):
+        cols = ["student", "method", "teacher", "test_acc_mean", "params", "macs", "key_hparams", "source"]
+        st.dataframe(refs.assign(test_acc_mean=100 * pd.to_numeric(refs["test_acc_mean"], errors="coerce"))
+                     [[c for c in cols if c in refs]], hide_index=True, key="lb_refs_table", placeholder="—", column_config={
+                         "test_acc_mean": st.column_config.NumberColumn("test acc (%)", format="%.2f"),
+                         "params": st.column_config.NumberColumn("params", format="localized"),
+                         "macs": st.column_config.NumberColumn("MACs", format="localized")})
