@@ -16,7 +16,7 @@ from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
 from kdarena.search.cli import app
-from helpers import CPU, digits_model as _model, digits_pair as _pair
+from helpers import CPU, uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
 
 
 def _adversarial(student, teacher, **params) -> Adversarial:
@@ -105,19 +105,10 @@ def test_beta_zero_is_the_student_trained_alone(digits):
 def test_resume_restores_discriminator_and_its_optimizer(digits, tmp_path):
     teacher = _model("cnn", 1, channels=8)
     recipe = Recipe(epochs=2, batch_size=128)
+    def make():
+        return _adversarial(_model("cnn", 9, channels=4), teacher, beta=0.5, d_warmup=10)
 
-    def run(seed_model, ckpt, stop_after=None):
-        def on_epoch(e):
-            if stop_after is not None and e.epoch + 1 == stop_after:
-                raise KeyboardInterrupt
-        return fit(_adversarial(seed_model, teacher, beta=0.5, d_warmup=10), digits, recipe, device=CPU,
-                   checkpoint_path=ckpt, on_epoch=on_epoch)
-
-    full = run(_model("cnn", 9, channels=4), tmp_path / "a.pt")
-    with pytest.raises(KeyboardInterrupt):
-        run(_model("cnn", 9, channels=4), tmp_path / "b.pt", stop_after=1)
-    torch.manual_seed(1234)  # a new process: its own random state, the checkpoint carries the rest
-    resumed = run(_model("cnn", 9, channels=4), tmp_path / "b.pt")
+    full, resumed = uninterrupted_and_resumed(make, digits, recipe, tmp_path)
     assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
     assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
     assert resumed.test_acc == full.test_acc
