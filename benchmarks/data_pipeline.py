@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to try")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--channels", type=int, default=16, help="width of the CNN both pipelines feed")
     args = parser.parse_args()
 
     if args.archive.exists():
@@ -79,10 +80,11 @@ def main() -> None:
 
     def fresh():
         torch.manual_seed(0)
-        model = build_model("cnn", num_classes=10, in_channels=3, input_size=32, channels=16)
+        model = build_model("cnn", num_classes=10, in_channels=3, input_size=32, channels=args.channels)
         return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
-    print(f"data: {source}; {len(split)} training images; torch threads {torch.get_num_threads()}")
+    print(f"data: {source}; {len(split)} training images; model cnn(channels={args.channels}); "
+          f"torch threads {torch.get_num_threads()}")
     model, opt = fresh()
     tensor_loader = BatchLoader(split, batch_size=args.batch_size, mean=mean, std=std, shuffle=True,
                                 augment=Augment(crop_padding=4, flip=True))

@@ -288,16 +288,18 @@ class BatchLoader:
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image zero-padded by `padding` and cropped back at its own random offset."""
+    """Each image zero-padded by `padding` and cropped back at its own random offset.
+
+    Two gathers (rows, then columns) instead of one 4-D fancy index: the
+    same pixels, about twice as fast on CPU.
+    """
     b, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
     oy = torch.randint(0, 2 * padding + 1, (b, 1), generator=gen, device=x.device)
     ox = torch.randint(0, 2 * padding + 1, (b, 1), generator=gen, device=x.device)
-    rows = (torch.arange(h, device=x.device) + oy)[:, None, :, None]
-    cols = (torch.arange(w, device=x.device) + ox)[:, None, None, :]
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chans = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    rows = (torch.arange(h, device=x.device) + oy).view(b, 1, h, 1).expand(b, c, h, w + 2 * padding)
+    cols = (torch.arange(w, device=x.device) + ox).view(b, 1, 1, w).expand(b, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
