@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,8 +16,9 @@ from rich.table import Table
 
 from kdarena.zoo.errors import UserError
 
-# MLflow announces schema migrations at INFO on every new store: noise for a CLI user
-logging.getLogger("mlflow").setLevel(logging.WARNING)
+# MLflow announces schema migrations at INFO on every new store: noise for a CLI user. MLflow sets its
+# logger's level from this variable when it is imported, so a setLevel before that import would be undone.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 app = typer.Typer(help="kdarena: search knowledge-distillation methods and rank the students they make.",
