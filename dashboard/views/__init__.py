@@ -118,6 +118,17 @@ def student_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["role"].isin(STUDENT_ROLES)]
 
 
+def page_runs(title: str) -> tuple[str, pd.DataFrame]:
+    """Every page's start: its title, then the store's student runs — or the empty state, and the page stops."""
+    uri = tracking_uri()
+    st.title(title)
+    ours = student_runs(runs_or_stop(uri))
+    if ours.empty:
+        empty_state(uri)
+        st.stop()
+    return uri, ours
+
+
 def empty_state(uri: str) -> None:
     """No kdarena runs yet: how to make some."""
     st.info(f"No kdarena runs in `{uri}` yet.", icon=":material/info:")

@@ -3,20 +3,13 @@
 import pandas as pd
 import streamlit as st
 
-from kdarena.dashboard.views import (SWEEPS_PAGE, cached_leaderboard, cached_references, empty_state, finite, open_run,
-                                     runs_or_stop, student_runs, tracking_uri)
+from kdarena.dashboard.views import SWEEPS_PAGE, cached_leaderboard, cached_references, finite, open_run, page_runs
 from kdarena.dashboard.views.charts import COSTS, leaderboard_figure, method_colours
 
 ALL = "All"
 AXES = {"MACs": "macs", "params": "params", "latency": "latency"}
 
-uri = tracking_uri()
-st.title("Leaderboard")
-runs = runs_or_stop(uri)
-ours = student_runs(runs)
-if ours.empty:
-    empty_state(uri)
-    st.stop()
+uri, ours = page_runs("Leaderboard")
 
 ours_datasets = sorted(ours["dataset"].dropna().astype(str).unique())
 published = cached_references(None)

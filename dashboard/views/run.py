@@ -3,17 +3,10 @@
 import pandas as pd
 import streamlit as st
 
-from kdarena.dashboard.views import (SWEEPS_PAGE, cached_run_detail, empty_state, finite, run_labels, runs_or_stop,
-                                     student_runs, tracking_uri)
+from kdarena.dashboard.views import SWEEPS_PAGE, cached_run_detail, finite, page_runs, run_labels
 from kdarena.dashboard.views.charts import curves_figure
 
-uri = tracking_uri()
-st.title("Run")
-runs = runs_or_stop(uri)
-ours = student_runs(runs)
-if ours.empty:
-    empty_state(uri)
-    st.stop()
+uri, ours = page_runs("Run")
 
 ours = ours.sort_values("start_time", ascending=False)
 # runs by group, so a store of 10,000 trials never fills one list: finals and train runs, then each sweep's trials

@@ -3,17 +3,11 @@
 import pandas as pd
 import streamlit as st
 
-from kdarena.dashboard.views import (cached_importances, cached_sweep_trials, cached_sweeps, empty_state, open_run,
-                                     run_labels, runs_or_stop, student_runs, tracking_uri)
+from kdarena.dashboard.views import (cached_importances, cached_sweep_trials, cached_sweeps, open_run, page_runs, run_labels)
 from kdarena.dashboard.views.charts import (NO_SCORE, history_figure, importance_figure, method_colours,
                                             parallel_figure, val_acc_by_method_figure, with_trial_numbers)
 
-uri = tracking_uri()
-st.title("Sweeps")
-runs = runs_or_stop(uri)
-if student_runs(runs).empty:
-    empty_state(uri)
-    st.stop()
+uri, _ = page_runs("Sweeps")
 table = cached_sweeps(uri)
 if table.empty:
     st.info("No sweep in this store yet, only `kdarena train` runs (on the Leaderboard and Run pages). "
