@@ -111,10 +111,7 @@ def parse_config(raw: Any, source: str = "config") -> TrainConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{source}: the top level must be a mapping of sections (dataset, teacher, student, method, train), got {type(raw).__name__}")
-    try:
-        cfg = TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(f"{source}: {format_validation_error(exc)}") from None
+    cfg = validate_document(TrainConfig, raw, source)
     method = get_method_or_error(cfg.method.name, source)
     try:
         method.Params.model_validate(cfg.method.params)
@@ -122,6 +119,14 @@ def parse_config(raw: Any, source: str = "config") -> TrainConfig:
         raise UserError(f"{source}: {format_validation_error(exc, prefix='method.params')} (method '{method.name}' takes: "
                         f"{', '.join(method.Params.model_fields) or 'no parameters'})") from None
     return cfg
+
+
+def validate_document(model: type[BaseModel], raw: dict[str, Any], source: str):
+    """`model` from a loaded document, or one UserError naming the file and the first bad field."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {format_validation_error(exc)}") from None
 
 
 def get_method_or_error(name: str, source: str):

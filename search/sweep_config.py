@@ -21,7 +21,8 @@ from kdarena.methods.recipe import Recipe
 from kdarena.methods.space import COMMON_SPACE, Choice, Dimension, FloatRange, IntRange
 from kdarena.zoo.errors import UserError
 
-from .config import DatasetConfig, MethodConfig, ModelConfig, TeacherConfig, TrainConfig, format_validation_error, load_yaml
+from .config import (DatasetConfig, MethodConfig, ModelConfig, TeacherConfig, TrainConfig, format_validation_error,
+                     load_yaml, validate_document)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # student options that may be searched, and what kind of number each takes
@@ -193,10 +194,7 @@ def parse_sweep(raw: Any, source: str) -> SweepConfig:
     """Validate a sweep document: every error names its field; narrowed spaces are checked against each method."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a sweep file is a mapping (name, dataset, teacher, students, methods, budget, …)")
-    try:
-        sweep = SweepConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(f"{source}: {format_validation_error(exc)}") from None
+    sweep = validate_document(SweepConfig, raw, source)
     for method in sweep.methods:
         _check_method_spec(sweep, method, source)
     # every student must build, and every method must fit every student: found now, not in trial 37
