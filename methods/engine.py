@@ -3,7 +3,8 @@
 Per epoch it reports the mean of every loss term, the method's diagnostics,
 train and validation accuracy, and writes a checkpoint that a resumed run
 continues from (same batches, same random state). A non-finite loss ends the
-run with status `diverged` and the term that went bad. On CUDA it trains in
+run with status `diverged` and the term that went bad; so does val_acc at chance for
+`recipe.chance_patience` epochs in a row (a run that learns nothing). On CUDA it trains in
 bf16 autocast with channels_last; on CPU in float32 with `recipe.num_threads`
 (default: torch's own, i.e. OMP_NUM_THREADS or all cores).
 """
@@ -147,6 +148,8 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
     if checkpoint_path is not None and checkpoint_path.exists():
         start_epoch, history = _restore(checkpoint_path, distiller, optimizer, scheduler)
 
+    chance = chance_accuracy(data.val.labels)
+    at_chance = _epochs_at_chance(history, chance)
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
         distiller.train()
@@ -174,6 +177,11 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
             val_acc=evaluate(distiller.student, val_loader), lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - t0, diagnostics=distiller.pop_diagnostics(),
         )
+        at_chance = at_chance + 1 if result.val_acc <= chance + CHANCE_MARGIN else 0
+        if recipe.chance_patience and at_chance >= recipe.chance_patience:
+            reason = (f"val_acc at chance ({result.val_acc:.3f}, majority class {chance:.3f}) for {at_chance} epochs "
+                      f"in a row, up to epoch {epoch + 1}")
+            return FitResult("diverged", history, reason=reason)
         history.append(result)
         if checkpoint_path is not None:
             _save(checkpoint_path, epoch + 1, history, distiller, optimizer, scheduler)
@@ -182,6 +190,25 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
 
     test_acc = evaluate(distiller.student, eval_loader(data.test, data, device)) if evaluate_test else None
     return FitResult("completed", history, test_acc=test_acc)
+
+
+# a model that learned nothing predicts one class: the majority's share, plus sampling noise
+CHANCE_MARGIN = 0.01
+
+
+def chance_accuracy(labels: torch.Tensor) -> float:
+    """Accuracy of always answering the most frequent label."""
+    return float(torch.bincount(labels).max()) / max(1, labels.numel())
+
+
+def _epochs_at_chance(history: list[EpochResult], chance: float) -> int:
+    """Trailing epochs at chance in a restored history, so a resumed run counts on."""
+    count = 0
+    for e in reversed(history):
+        if e.val_acc > chance + CHANCE_MARGIN:
+            break
+        count += 1
+    return count
 
 
 def _autocast(device: torch.device):

@@ -23,6 +23,9 @@ class Recipe(BaseModel):
     gamma: float = Field(0.1, gt=0, le=1)
     seed: int = Field(0, ge=0)
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default: OMP_NUM_THREADS, else all cores")
+    chance_patience: int | None = Field(
+        None, gt=0, description="end the run as diverged after this many epochs in a row with val_acc at chance "
+                                "(the majority class's share + 1 point); none: never")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

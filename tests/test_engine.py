@@ -25,7 +25,7 @@ def _teacher(digits):
 def test_engine_learns_digits_to_90_percent(digits):
     student = digits_cnn(0)
     result = fit(Baseline(student, None, Baseline.Params(), _pair(student, student)), digits,
-                 Recipe(epochs=12, batch_size=64, lr=0.05), device=torch.device("cpu"))
+                 Recipe(epochs=12, batch_size=64, lr=0.05, chance_patience=1), device=torch.device("cpu"))
     assert result.status == "completed"
     assert len(result.history) == 12
     assert result.test_acc >= 0.90
@@ -107,6 +107,27 @@ def test_non_finite_loss_ends_run_as_diverged(digits):
     assert result.status == "diverged"
     assert "loss_ce" in result.reason and "epoch 2" in result.reason
     assert len(result.history) == 1 and result.test_acc is None
+
+
+class _Collapsing(Baseline):
+    """Trained to answer class 0 whatever the image: finite losses, a model that learned nothing."""
+
+    def forward_train(self, images, labels, step):
+        return super().forward_train(images, torch.zeros_like(labels), step)
+
+
+def test_val_acc_stuck_at_chance_ends_run_as_diverged(digits):
+    student = digits_cnn(0)
+    result = fit(_Collapsing(student, None, Baseline.Params(), _pair(student, student)), digits,
+                 Recipe(epochs=8, batch_size=64, chance_patience=2), device=torch.device("cpu"))
+    assert result.status == "diverged"
+    assert "at chance" in result.reason and "2 epochs in a row" in result.reason
+    assert len(result.history) <= 2 and result.test_acc is None
+    # without a patience the same run goes the full budget
+    student = digits_cnn(0)
+    result = fit(_Collapsing(student, None, Baseline.Params(), _pair(student, student)), digits,
+                 Recipe(epochs=3, batch_size=64), device=torch.device("cpu"))
+    assert result.status == "completed" and result.history[-1].val_acc < 0.15
 
 
 def test_schedules_warm_up_then_decay():
