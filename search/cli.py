@@ -176,6 +176,24 @@ def export(
             err.print(f"wrote {path}", highlight=False)
 
 
+@app.command()
+def sync(
+    sweep_ref: Annotated[str, typer.Argument(metavar="SWEEP", help="sweep directory, sweep file, or sweep name")],
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default the one the sweep recorded to")] = None,
+) -> None:
+    """Send a sweep's results that never reached MLflow (tracking server down) from its records.json, exactly once."""
+    from .export import find_sweep_dir
+    from .mirror import sync_sweep
+
+    try:
+        sweep_dir = find_sweep_dir(sweep_ref)
+        waiting, _ = sync_sweep(sweep_dir, tracking_uri)
+    except UserError as exc:
+        _fail(exc)
+    err.print(f"{sweep_dir.name}: {waiting} trial(s) sent; MLflow has every trial" if waiting
+              else f"{sweep_dir.name}: nothing to send; MLflow has every trial", highlight=False)
+
+
 LEADERBOARD_FORMATS = ("table", "markdown", "csv", "json")
 # the columns `--format csv|json` write, ours and the reported rows alike
 LEADERBOARD_FIELDS = ["rank", "dataset", "teacher", "student", "method", "test_acc_mean", "test_acc_std", "n_seeds",

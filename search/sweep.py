@@ -33,7 +33,8 @@ from kdarena.methods.space import Choice, Dimension, IntRange
 from kdarena.zoo.errors import UserError
 
 from .per_method import PerMethodASHA, PerMethodSearch
-from .recorder import LIVE_VIEWS, ROLE_TAG, MLflowRecorder
+from .mirror import FINISHED, ROLE_TAG, TRACKING_ERRORS, Mirror
+from .recorder import LIVE_VIEWS, MLflowRecorder, notify
 from .records import SWEEP_FILE, SweepPaths, SweepRecords, sweep_paths
 from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, method_space, trial_config
 from .teacher_store import check_writable
@@ -48,9 +49,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # small sweeps checkpoint often by design; Ray's "syncing took long" advice is noise here
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-FINISHED = ("completed", "early-stopped", "diverged", "failed")
-
 
 @dataclass(frozen=True)
 class DefineByRun:
@@ -194,9 +192,12 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
         records.data["parent_run_id"] = parent.info.run_id
         records.save()
         client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "sweep.yaml")
+    records.data |= {"tracking_uri": uri, "experiment_id": experiment_id, "status": None}
+    records.save()
     parent_id = records.data["parent_run_id"]
     if view is not None:
         LIVE_VIEWS[str(paths.records)] = view
+    mirror = Mirror(client, experiment_id, records, warn=lambda text: notify(paths.records, text))
 
     try:
         needs_teacher = any(get_method(m).needs_teacher for m in sweep.methods)
@@ -215,26 +216,34 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, sweep_doc=sweep_doc, data=data, teacher_state=teacher_state),
             {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
-        _search(sweep, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc)
+        _search(sweep, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc, mirror)
         best = best_trials(records, sweep.budget.epochs)
-        _log_best_students(client, parent_id, best)
+        records.data["best"] = {method: record["key"] for method, record in best.items()}
         seeds = final_seeds if final_seeds is not None else sweep.final.seeds
-        finals = _final_runs(sweep, best, seeds, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc) if seeds else {}
-        client.set_terminated(parent_id, "FINISHED")
+        finals = _final_runs(sweep, best, seeds, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc,
+                             mirror) if seeds else {}
+        records.data["status"] = "FINISHED"
     except KeyboardInterrupt:
-        client.set_terminated(parent_id, "KILLED")
+        records.data["status"] = "KILLED"
         raise
     finally:
+        records.save()
+        waiting = mirror.all()
+        if waiting:
+            mirror.warn(f"{waiting} trial(s) are not in MLflow yet: they wait in {paths.records}; "
+                        f"`kdarena sync {paths.root}` sends them once the tracking server is back")
         LIVE_VIEWS.pop(str(paths.records), None)
     return SweepOutcome(paths, parent_id, uri, best, finals)
 
 
 def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experiment_id: str, concurrency: int,
-            resume: bool, sweep_doc: dict[str, Any]) -> None:
+            resume: bool, sweep_doc: dict[str, Any], mirror: Mirror) -> None:
     """All methods' studies in one Tune experiment (`ray/search`), resumable from its directory."""
     experiment_dir = paths.ray / "search"
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+        _drop_lost_trials(paths, "trial", mirror)
+        _fail_stale_optuna_trials(paths, sweep.methods)
         _raise_if_interrupted(paths, "trial", sweep.trials_for() * len(sweep.methods))
         return
     metrics = [m for m, _ in sweep.objectives]
@@ -272,34 +281,39 @@ def _raise_if_interrupted(paths: SweepPaths, phase: str, planned: int) -> None:
         raise KeyboardInterrupt(f"{finished} of {planned} {phase} runs finished")
 
 
+def _drop_lost_trials(paths: SweepPaths, phase: str, mirror: Mirror) -> None:
+    """Trials a killed driver recorded but Ray's last saved state never knew: Ray ran others in their place.
+
+    A restored experiment has run every trial it knows, so a record still
+    running is one of these. It leaves the records and its MLflow run is
+    deleted, so the sweep keeps its planned count and no duplicate runs.
+    """
+    records = mirror.records
+    lost = [key for key, r in records.trials.items() if r["phase"] == phase and r["status"] not in FINISHED]
+    for key in lost:
+        record = records.trials.pop(key)
+        records.data.setdefault("lost_trials", []).append(key)
+        if record["run_id"] is not None:
+            try:
+                mirror.client.delete_run(record["run_id"])
+            except TRACKING_ERRORS:
+                records.data.setdefault("runs_to_delete", []).append(record["run_id"])
+    records.save()
+
+
+def _fail_stale_optuna_trials(paths: SweepPaths, methods) -> None:
+    """Optuna trials still RUNNING once every Ray trial ended were asked for by a killed driver: mark them FAIL."""
+    for method in methods:
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.study(method))))
+        study = optuna.load_study(study_name=method, storage=storage)
+        for trial in study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
 def _run_config(name: str, paths: SweepPaths, recorder: MLflowRecorder) -> tune.RunConfig:
     return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=[recorder], verbose=0,
                           failure_config=tune.FailureConfig(max_failures=2),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-
-
-def _log_best_students(client: MlflowClient, parent_id: str, best: dict[str, dict[str, Any]]) -> None:
-    """Each method's best student as `student.pt` (a plain state_dict) in its run; the overall best also in the parent."""
-    import tempfile
-
-    import torch
-
-    from .trial import CHECKPOINT_FILE
-
-    ranked = sorted(best.values(), key=lambda r: -r["metrics"]["val_acc"])
-    for i, record in enumerate(ranked):
-        source = Path(record.get("checkpoint") or "") / CHECKPOINT_FILE
-        if not source.is_file():
-            continue
-        state = torch.load(source, map_location="cpu", weights_only=True)["distiller"]
-        student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "student.pt"
-            torch.save(student, path)
-            client.log_artifact(record["run_id"], str(path))
-            if i == 0:
-                client.log_artifact(parent_id, str(path))
-                client.set_tag(parent_id, "kdarena.best_run_id", record["run_id"])
 
 
 def best_trials(records: SweepRecords, epochs: int, phase: str = "trial") -> dict[str, dict[str, Any]]:
@@ -318,12 +332,13 @@ def best_trials(records: SweepRecords, epochs: int, phase: str = "trial") -> dic
 
 def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int, trainable, paths: SweepPaths,
                 uri: str, experiment_id: str, concurrency: int, resume: bool,
-                sweep_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+                sweep_doc: dict[str, Any], mirror: Mirror) -> dict[str, dict[str, Any]]:
     """Each method's best config on `seeds` seeds: the mean ± std test accuracy the leaderboard ranks."""
     experiment_dir = paths.ray / "final"
     planned = seeds * len(best)
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+        _drop_lost_trials(paths, "final", mirror)
     else:
         points = []
         for method, record in best.items():

@@ -59,6 +59,8 @@ class Budget(_Strict):
     grace_period: int = Field(1, gt=0, description="ASHA: epochs before a trial may be stopped")
     reduction_factor: float = Field(3.0, gt=1, description="ASHA: keep the top 1/reduction_factor at each rung")
     early_stopping: bool = Field(True, description="false: every trial runs the full budget (no ASHA)")
+    chance_patience: int | None = Field(3, gt=0, description="a trial whose val_acc stays at chance this many epochs "
+                                                            "in a row ends as diverged; null: never")
 
     @model_validator(mode="after")
     def _check(self) -> Budget:
@@ -91,12 +93,12 @@ class SweepConfig(_Strict):
     methods: dict[str, MethodSpec | None] = Field(min_length=1)
     budget: Budget = Field(default_factory=Budget)
     objective: Objective = "val_acc"
-    train: Recipe = Field(default_factory=Recipe, description="the students' recipe; epochs come from the budget")
+    train: Recipe = Field(default_factory=Recipe, description="the students' recipe; epochs and chance_patience come from the budget")
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(None, gt=0)
     final: FinalSpec = Field(default_factory=FinalSpec)
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler of every method's study")
-    seed: int = Field(0, ge=0, description="the samplers' seed")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="the samplers' seed (numpy's range)")
     tracking_uri: str | None = None
     storage: str | None = Field(None, description="where trial results and checkpoints go; default ./kdarena-sweeps")
     cache_dir: str | None = None
@@ -181,6 +183,7 @@ def trial_config(sweep: SweepConfig, method: str, student_index: int, student_op
     student = sweep.students[student_index]
     threads = max(1, math.floor(sweep.resources.cpu))
     recipe = sweep.train.model_copy(update={"epochs": sweep.budget.epochs, "num_threads": threads,
+                                            "chance_patience": sweep.budget.chance_patience,
                                             **({"seed": seed} if seed is not None else {}), **recipe_fields})
     return TrainConfig(
         dataset=sweep.dataset, teacher=sweep.teacher,

@@ -45,6 +45,9 @@ class SweepView:
         self.progress.update(self.task, total=total)
 
     def __call__(self, kind: str, key: str, record: dict[str, Any]) -> None:
+        if kind == "message":  # printed above the live table, which stays at the bottom
+            self.console.print(record["text"], highlight=False)
+            return
         was_done = self.rows.get(key, {}).get("status") in DONE
         self.rows[key] = record
         if record["status"] in DONE and not was_done:

@@ -1,0 +1,246 @@
+"""records.json → MLflow, idempotently: what lets a sweep outlive its tracking server.
+
+Every trial event lands in `records.json` first. `Mirror` then brings the
+trial's MLflow child run up to date: it creates the run once (finding it by
+its trial key if a create's answer was lost), logs each epoch once under the
+timestamp recorded with it (MLflow keeps one row per key, step, timestamp and
+value, so a replay adds nothing), and finishes the run once. While the server
+is unreachable the mirror stays offline and probes it now and then; whatever
+waits is sent when it is back, at the end of the sweep or by `kdarena sync`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .export import config_yaml, export_config
+from .records import SweepRecords
+from .tracking import flatten
+from .train_job import ROLE_TAG
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_KEY_TAG = "kdarena.trial_key"
+FINISHED = ("completed", "early-stopped", "diverged", "failed")
+PER_EPOCH = {"val_acc", "train_acc", "lr", "epoch_seconds"}
+# what a down, restarting or refusing tracking server raises through MlflowClient
+TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+PROBE_INTERVAL_S = 10.0
+
+# A dead server must not stall the driver for minutes: MLflow retries each
+# request up to 7 times with exponential back-off by default.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def new_trial_record(key: str, trial_name: str, phase: str, trial_config: dict[str, Any], config: dict[str, Any],
+                     tags: dict[str, str]) -> dict[str, Any]:
+    return {"key": key, "trial_name": trial_name, "phase": phase, "method": config["method"]["name"],
+            "trial_config": trial_config, "student": config["student"], "config": config, "tags": tags,
+            "history": [], "status": "running", "metrics": {}, "run_id": None, "started": time.time(),
+            "synced_epochs": 0, "run_ready": False, "synced_final": False}
+
+
+def add_epoch(record: dict[str, Any], epoch: int, metrics: dict[str, float]) -> None:
+    """An epoch's metrics into the record; a re-run epoch (after a restore) replaces its earlier entry."""
+    record["history"] = [h for h in record["history"] if h["epoch"] < epoch]
+    record["history"].append({"epoch": epoch, "ts_ms": int(time.time() * 1000), "metrics": metrics})
+
+
+def epochs_done(record: dict[str, Any]) -> int:
+    return max((h["epoch"] for h in record["history"]), default=0)
+
+
+def is_pending(record: dict[str, Any]) -> bool:
+    """Something of this trial has not reached MLflow yet."""
+    return (record["run_id"] is None or not record["run_ready"] or record["synced_epochs"] < epochs_done(record)
+            or (record["status"] in FINISHED and not record["synced_final"]))
+
+
+class Mirror:
+    """Brings MLflow up to date with a sweep's records; offline (and cheap) while the server is down."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, records: SweepRecords,
+                 warn=lambda text: print(text, file=sys.stderr, flush=True)):
+        self.client = client
+        self.experiment_id = experiment_id
+        self.records = records
+        self.warn = warn
+        self.offline_since: float | None = None
+        self._last_probe = 0.0
+
+    # -- one trial -------------------------------------------------------------------
+    def trial(self, record: dict[str, Any]) -> bool:
+        """Sync one trial if the server is reachable; False (and offline) if it is not."""
+        if self.offline_since is not None and not self._probe():
+            return False
+        try:
+            self._sync_trial(record)
+            return True
+        except TRACKING_ERRORS as exc:
+            self._went_offline(exc)
+            return False
+        finally:
+            self.records.save()
+
+    def _sync_trial(self, record: dict[str, Any]) -> None:
+        if record["run_id"] is None:
+            record["run_id"] = self._find_or_create_run(record)
+            self.records.save()
+        if not record["run_ready"]:
+            self._describe_run(record)
+            record["run_ready"] = True
+        new = [h for h in record["history"] if h["epoch"] > record["synced_epochs"]]
+        if new:
+            metrics = [Metric(k, float(v), h["ts_ms"], h["epoch"]) for h in new for k, v in h["metrics"].items()]
+            for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+                self.client.log_batch(record["run_id"], metrics=metrics[i:i + 1000])
+            record["synced_epochs"] = new[-1]["epoch"]
+        if record["status"] in FINISHED and not record["synced_final"]:
+            self._finish_run(record)
+            record["synced_final"] = True
+
+    def _find_or_create_run(self, record: dict[str, Any]) -> str:
+        parent = self.records.data["parent_run_id"]
+        if record.get("create_attempted"):  # a create may have reached the server even though its answer did not
+            found = self.client.search_runs(
+                [self.experiment_id], max_results=1,
+                filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{record['key']}' and tags.`{PARENT_TAG}` = '{parent}'")
+            if found:
+                return found[0].info.run_id
+        record["create_attempted"] = True
+        self.records.save()
+        teacher_sha = self.records.data.get("teacher", {}).get("sha256")
+        tags = {PARENT_TAG: parent, ROLE_TAG: record["phase"], TRIAL_KEY_TAG: record["key"], **record["tags"],
+                **({"kdarena.teacher_sha256": teacher_sha} if teacher_sha else {})}
+        run = self.client.create_run(self.experiment_id, run_name=record["trial_name"], tags=tags,
+                                     start_time=int(record["started"] * 1000))
+        return run.info.run_id
+
+    def _describe_run(self, record: dict[str, Any]) -> None:
+        teacher_sha = self.records.data.get("teacher", {}).get("sha256")
+        # the config `kdarena export` would write for this trial, so any run can be re-run from MLflow alone
+        self.client.log_text(record["run_id"], config_yaml(export_config(record["config"], teacher_sha)), "config.yaml")
+        params = flatten("", record["config"])
+        # the searched point under Optuna's own (method-prefixed) names, e.g. kd/temperature
+        params |= flatten("", record["trial_config"], sep="/")
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's log_batch limit for params
+            self.client.log_batch(record["run_id"], params=items[i:i + 100])
+
+    def _finish_run(self, record: dict[str, Any]) -> None:
+        ts = record.setdefault("finished_ts_ms", int(time.time() * 1000))
+        # val_acc is already there, one value per epoch: its last value is the final one
+        metrics = [Metric(k, float(v), ts, 0) for k, v in record["metrics"].items()
+                   if isinstance(v, (int, float)) and k not in PER_EPOCH]
+        tags = [RunTag("kdarena.status", record["status"])]
+        if record.get("reason"):
+            tags.append(RunTag("kdarena.reason", str(record["reason"])[:5000]))
+        self.client.log_batch(record["run_id"], metrics=metrics, tags=tags)
+        self.client.set_terminated(record["run_id"], "FAILED" if record["status"] in ("diverged", "failed") else "FINISHED",
+                                   end_time=ts)
+
+    # -- the whole sweep ---------------------------------------------------------------
+    def pending(self) -> list[dict[str, Any]]:
+        return [r for r in self.records.trials.values() if is_pending(r)]
+
+    def all(self) -> int:
+        """Sync every trial, the best students and the parent run's end; how many trials still wait (0: all there)."""
+        self.offline_since = None  # a caller asking for everything wants one real attempt
+        for record in self.pending():
+            if not self.trial(record):
+                return len(self.pending())
+        try:
+            self._best_students()
+            status = self.records.data.get("status")
+            if status and self.records.data.get("parent_synced") != status:
+                self.client.set_terminated(self.records.data["parent_run_id"], status)
+                self.records.data["parent_synced"] = status
+        except TRACKING_ERRORS as exc:
+            self._went_offline(exc)
+            return max(1, len(self.pending()))
+        finally:
+            self.records.save()
+        return len(self.pending())
+
+    def _best_students(self) -> None:
+        """Each method's best student as `student.pt` (a plain state_dict) in its run; the overall best also in the parent."""
+        import tempfile
+
+        import torch
+
+        from .trial import CHECKPOINT_FILE
+
+        best = [self.records.trials[key] for key in self.records.data.get("best", {}).values()]
+        for i, record in enumerate(sorted(best, key=lambda r: -r["metrics"]["val_acc"])):
+            source = Path(record.get("checkpoint") or "") / CHECKPOINT_FILE
+            if record.get("student_logged") or not source.is_file():
+                continue
+            state = torch.load(source, map_location="cpu", weights_only=True)["distiller"]
+            student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "student.pt"
+                torch.save(student, path)
+                self.client.log_artifact(record["run_id"], str(path))
+                if i == 0:
+                    parent = self.records.data["parent_run_id"]
+                    self.client.log_artifact(parent, str(path))
+                    self.client.set_tag(parent, "kdarena.best_run_id", record["run_id"])
+            record["student_logged"] = True
+            self.records.save()
+
+    # -- reachability --------------------------------------------------------------------
+    def _went_offline(self, exc: BaseException) -> None:
+        if self.offline_since is None:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.warn(f"MLflow at {self.client.tracking_uri} is unreachable ({first[:200]}); trial results are kept in "
+                      f"{self.records.path} and sent when it is back (or with `kdarena sync {self.records.path.parent}`)")
+        self.offline_since = time.time()
+        self._last_probe = time.time()
+
+    def _probe(self) -> bool:
+        if time.time() - self._last_probe < PROBE_INTERVAL_S:
+            return False
+        self._last_probe = time.time()
+        try:
+            self.client.get_experiment(self.experiment_id)
+        except TRACKING_ERRORS:
+            return False
+        self.offline_since = None
+        self.warn(f"MLflow at {self.client.tracking_uri} is back; sending the waiting trial results")
+        for record in self.pending():  # everything that waited, oldest first
+            try:
+                self._sync_trial(record)
+            except TRACKING_ERRORS as exc:
+                self._went_offline(exc)
+                return False
+        return True
+
+
+def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None, warn=None) -> tuple[int, int]:
+    """`kdarena sync`: send what waits in a sweep's records to MLflow. (trials that were waiting, still waiting)."""
+    from kdarena.zoo.errors import UserError
+
+    from .records import RECORDS_FILE
+
+    records = SweepRecords.open(sweep_dir / RECORDS_FILE)
+    uri = tracking_uri or records.data.get("tracking_uri")
+    if uri is None or records.data.get("experiment_id") is None or records.data.get("parent_run_id") is None:
+        raise UserError(f"{sweep_dir} records no MLflow parent run yet (the sweep stopped before it was created); "
+                        "run the sweep again with --resume")
+    mirror = Mirror(MlflowClient(uri), records.data["experiment_id"], records, warn=warn or (lambda text: None))
+    waiting = len(mirror.pending())
+    left = mirror.all()
+    if left:
+        raise UserError(f"MLflow at {uri} is unreachable: {left} trial(s) still wait in {records.path}; start the "
+                        "tracking server (or pass --tracking-uri) and run `kdarena sync` again")
+    return waiting, left
