@@ -306,7 +306,7 @@ def _fail_stale_optuna_trials(paths: SweepPaths, methods) -> None:
     for method in methods:
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.study(method))))
         study = optuna.load_study(study_name=method, storage=storage)
-        for trial in study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
 
 
