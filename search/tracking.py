@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import urllib.error
@@ -41,6 +42,7 @@ def check_tracking_uri(uri: str) -> None:
             reason = getattr(exc, "reason", exc)
             raise UserError(f"tracking server {uri} is unreachable ({reason}); start it (`mlflow server`) or pass "
                             "another --tracking-uri / MLFLOW_TRACKING_URI") from None
+        check_credentials(uri)
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         folder = db.parent if str(db.parent) else Path.cwd()
@@ -49,6 +51,48 @@ def check_tracking_uri(uri: str) -> None:
     elif uri.startswith(("file:", "/", ".")) or "://" not in uri:
         raise UserError(f"tracking URI {uri!r}: MLflow's plain file store is not supported; use "
                         "sqlite:///PATH/mlflow.db or http://HOST:PORT")
+
+
+CREDENTIALS_HINT = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account on that server "
+                    "(or MLFLOW_TRACKING_TOKEN for a bearer token)")
+
+
+def check_credentials(uri: str) -> None:
+    """A server with authentication (`mlflow server --app-name basic-auth`) must accept our credentials.
+
+    /health answers without them, so an unauthenticated or mistyped login
+    would otherwise surface only at the first write, as an MLflow traceback
+    after the teacher has trained. One cheap read (search one experiment)
+    with the credentials MLflow itself would send (MLFLOW_TRACKING_TOKEN,
+    else MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD): a 401 or 403
+    is a UserError naming the server, the user and the variables to set.
+    Any other answer is left to MLflow. Skipped when MLFLOW_TRACKING_AUTH
+    names an auth plugin, whose headers only MLflow can build.
+    """
+    if os.environ.get("MLFLOW_TRACKING_AUTH"):
+        return
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user or password:
+        pair = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return
+        if not (token or user or password):
+            raise UserError(f"the MLflow server at {uri} requires authentication (HTTP {exc.code}) and no credentials "
+                            f"are set; {CREDENTIALS_HINT}") from None
+        who = "the token in MLFLOW_TRACKING_TOKEN" if token else f"the credentials of user {user!r}"
+        raise UserError(f"the MLflow server at {uri} refused {who} (HTTP {exc.code}); {CREDENTIALS_HINT}") from None
+    except (OSError, ValueError):
+        return  # it answered /health a moment ago: let MLflow report whatever this is
 
 
 def flatten(prefix: str, value: Any, sep: str = ".") -> dict[str, Any]:
