@@ -19,6 +19,9 @@ from kdarena.zoo.errors import UserError
 # MLflow announces schema migrations at INFO on every new store: noise for a CLI user. MLflow sets its
 # logger's level from this variable when it is imported, so a setLevel before that import would be undone.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# With a tracking server MLflow writes "🏃 View run NAME at: URL" to stdout as each run ends: that would break
+# `train --json` (one JSON object on stdout, nothing else), and the summaries already name the run.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 app = typer.Typer(help="kdarena: search knowledge-distillation methods and rank the students they make.",
