@@ -144,10 +144,7 @@ def check_storage(paths: SweepPaths, resume: bool) -> None:
                         "or give the sweep another name")
     if resume and not exists:
         raise UserError(f"nothing to resume: no sweep results in {paths.root}; run without --resume to start it")
-    try:
-        check_writable(paths.root)
-    except UserError:
-        raise UserError(f"storage {paths.root} is not writable; pass --storage DIR or set storage: in the sweep file") from None
+    check_writable(paths.root, "storage", "pass --storage DIR or set storage: in the sweep file")
 
 
 @dataclass

@@ -8,10 +8,12 @@ only (`weights_only=True`), so a changed or crafted file is refused.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,14 +65,15 @@ class StoredTeacher:
     trained_now: bool  # False when it came from the store or a user file
 
 
-def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, what: str) -> str:
-    """Load a state_dict file into `model`; verify its sha256; return the sha256."""
+def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, what: str,
+                 fix: str = "the file changed since it was saved; delete it to retrain, or restore the original") -> str:
+    """Load a state_dict file into `model`; verify its sha256 before reading a byte of it as weights; return the sha256."""
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path}; pass an existing weights file")
     sha = file_sha256(path)
     if expected_sha256 is not None and sha != expected_sha256:
         raise UserError(f"{what}: {path} fails its sha256 check (expected {expected_sha256[:16]}…, got {sha[:16]}…): "
-                        "the file changed since it was saved; delete it to retrain, or restore the original")
+                        f"{fix}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for crafted pickles, RuntimeError for truncated zips, …
@@ -87,11 +90,32 @@ def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, wh
     return sha
 
 
+def _read_meta(path: Path) -> dict:
+    """A stored teacher's sidecar; without a readable sha256 in it the weights beside it are not trusted."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or len(meta["sha256"]) != 64:
+        raise UserError(f"stored teacher: {path} is damaged (no readable sha256); delete it and {path.stem}.pt "
+                        "to retrain the teacher")
+    return meta
+
+
 @contextmanager
 def _locked(path: Path):
-    """One process trains a given teacher; others wait and then load it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    """One process trains a given teacher; others wait and then load it.
+
+    A cache this process cannot write to (a shared read-only copy) needs no
+    lock: nothing will be written to it.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError:
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -99,15 +123,27 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_writable(cache_dir: Path) -> None:
+# room for a few checkpoints; a disk with less fills up mid-sweep, so say so before any trial starts
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def check_writable(path: Path, what: str = "teacher cache",
+                   fix: str = "set cache_dir to a writable folder or KDARENA_CACHE") -> None:
+    """`path` exists (made if need be), takes a file, and has MIN_FREE_BYTES free; else a UserError naming `what`."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        probe = cache_dir / f".write-test-{os.getpid()}"
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        free = shutil.disk_usage(path).free
     except OSError as exc:
-        raise UserError(f"teacher cache {cache_dir} is not writable ({exc.strerror}); set cache_dir to a writable folder "
-                        "or KDARENA_CACHE") from None
+        if exc.errno == errno.ENOSPC:
+            free = 0
+        else:
+            raise UserError(f"{what} {path} is not writable ({exc.strerror or exc}); {fix}") from None
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"{what} {path} is full ({free / 2**20:.1f} MiB free, kdarena needs at least "
+                        f"{MIN_FREE_BYTES // 2**20} MiB); free some space, or {fix}")
 
 
 def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, cache_dir: Path,
@@ -119,18 +155,24 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, cache_dir: Path,
     model = build()
     if teacher.checkpoint is not None:
         path = Path(teacher.checkpoint).expanduser()
-        sha = load_weights(model, path, None, "teacher.checkpoint")
+        # a pinned checkpoint is checked before it is loaded: a swapped file is never unpickled at all
+        sha = load_weights(model, path, teacher.sha256, "teacher.checkpoint",
+                           fix="it is not the file teacher.sha256 pins; point teacher.checkpoint at the original file "
+                               "or drop teacher.sha256")
         return StoredTeacher(model, "", sha, path, None, None, trained_now=False)
 
     key = teacher_key(teacher, dataset)
     weights = cache_dir / f"{key}.pt"
     meta_path = cache_dir / f"{key}.json"
+    if not (meta_path.exists() and weights.exists()):
+        check_writable(cache_dir)  # the teacher will be trained and stored here: find out now, not after training
     with _locked(cache_dir / f"{key}.lock"):
         if meta_path.exists() and weights.exists():
-            meta = json.loads(meta_path.read_text())
+            meta = _read_meta(meta_path)
             load_weights(model, weights, meta["sha256"], f"stored teacher {key}")
-            return StoredTeacher(model, key, meta["sha256"], weights, meta.get("val_acc"), meta.get("test_acc"), False)
-        check_writable(cache_dir)
+            scores = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+                      for v in (meta.get("val_acc"), meta.get("test_acc"))]  # None: measured again
+            return StoredTeacher(model, key, meta["sha256"], weights, *scores, False)
         result = train(model)
         if result.status != "completed":
             raise UserError(f"the teacher diverged while training ({result.reason}); lower teacher.recipe.lr")

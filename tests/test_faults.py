@@ -155,3 +155,75 @@ def test_a_trial_stuck_at_chance_ends_diverged_and_never_ranks(faulty):
     run = client.get_run(stuck[0]["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["kdarena.status"] == "diverged"
     assert "at chance" in run.data.tags["kdarena.reason"]
+
+
+# -- storage trouble: found before any trial starts, exit 2, nothing written -----------------------------------------
+
+@pytest.fixture()
+def mounted(tmp_path):
+    """mount(name, options) → a fresh tmpfs at tmp_path/name (read-only, or tiny), unmounted afterwards."""
+    points = []
+
+    def mount(name: str, options: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); CI runs as root, where it can")
+        points.append(point)
+        return point
+
+    yield mount
+    for point in points:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def _full(point: Path) -> None:
+    with open(point / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+STORAGE_CASES = ["storage under a file", "read-only storage", "full storage", "read-only teacher cache"]
+
+
+@pytest.mark.parametrize("case", STORAGE_CASES)
+def test_storage_trouble_is_reported_before_any_work(case, tmp_path, mounted, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdarena.search.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(FAULTY | {"name": "storage"}))
+    storage = tmp_path / "plain-file" / "sweeps"
+    expected = "storage"
+    if case == "storage under a file":
+        (tmp_path / "plain-file").write_text("not a folder")
+        expected_reason = "not writable"
+    elif case == "read-only storage":
+        storage = mounted("ro", "ro,size=1m")
+        expected_reason = "Read-only file system"
+    elif case == "full storage":
+        storage = mounted("full", "size=1m")
+        _full(storage)
+        expected_reason = "is full"
+    else:
+        storage = tmp_path / "sweeps"
+        monkeypatch.setenv("KDARENA_CACHE", str(mounted("ro-cache", "ro,size=1m") / "cache"))
+        expected, expected_reason = "teacher cache", "Read-only file system"
+    result = CliRunner().invoke(app, ["sweep", "s.yaml", "--storage", str(storage)])
+    assert result.exit_code == 2, result.output
+    message = result.stderr
+    assert f"error: {expected}" in message and expected_reason in message, message
+    assert "--storage" in message or "KDARENA_CACHE" in message  # how to fix it
+    assert "Traceback" not in message
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("**/records.json"))
+    if case == "read-only teacher cache":  # `kdarena train` checks its cache the same way, before training
+        result = CliRunner().invoke(app, ["train", "--set", "method.name=kd", "--set", "train.epochs=1"])
+        assert result.exit_code == 2 and "teacher cache" in result.stderr and "Read-only" in result.stderr, result.output
