@@ -22,7 +22,7 @@ class Recipe(BaseModel):
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule: fractions of the epochs where lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0, le=1)
     seed: int = Field(0, ge=0)
-    num_threads: int | None = Field(None, gt=0, description="CPU threads; default: OMP_NUM_THREADS, else all cores")
+    num_threads: int | None = Field(None, gt=0, le=1024, description="CPU threads; default: OMP_NUM_THREADS, else all cores")
     chance_patience: int | None = Field(
         None, gt=0, description="end the run as diverged after this many epochs in a row with val_acc at chance "
                                 "(the majority class's share + 1 point); none: never")

@@ -30,8 +30,16 @@ out = Console()
 err = Console(stderr=True)
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks and other control characters escaped (`\\n`, `\\x1b`): it may quote user input."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _fail(exc: UserError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    """The message on one line of stderr, exit code 2; plain text (a `[/x]` in the user's input is no markup)."""
+    from rich.text import Text
+
+    err.print(Text.assemble(("error:", "bold red"), " ", one_line(str(exc))), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -43,13 +51,11 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with the results, nothing else on stdout")] = False,
 ) -> None:
     """Distil one student from one teacher and record the run in MLflow."""
-    from .config import apply_overrides, load_yaml, parse_config
+    from .config import read_train_config
     from .tracking import resolve_tracking_uri
 
     try:
-        raw = load_yaml(config) if config is not None else {}
-        raw = apply_overrides(raw, set_)
-        cfg = parse_config(raw, str(config or "default config"))
+        cfg, raw = read_train_config(config, set_)
         uri = resolve_tracking_uri(tracking_uri)
         from .progress import TrainProgress
         from .train_job import run_train

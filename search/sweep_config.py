@@ -21,8 +21,8 @@ from kdarena.methods.recipe import Recipe
 from kdarena.methods.space import COMMON_SPACE, Choice, Dimension, FloatRange, IntRange
 from kdarena.zoo.errors import UserError
 
-from .config import (DatasetConfig, MethodConfig, ModelConfig, TeacherConfig, TrainConfig, format_validation_error,
-                     load_yaml, validate_document)
+from .config import (DatasetConfig, MethodConfig, ModelConfig, TeacherConfig, TrainConfig, field_path,
+                     format_validation_error, load_yaml, show, validate_document)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # student options that may be searched, and what kind of number each takes
@@ -42,7 +42,7 @@ class StudentSpec(ModelConfig):
     def _ranges(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
         for name, bounds in v.items():
             if name not in SEARCHABLE_OPTIONS:
-                raise ValueError(f"option '{name}' cannot be searched; searchable: {', '.join(SEARCHABLE_OPTIONS)}")
+                raise ValueError(f"option {show(name)} cannot be searched; searchable: {', '.join(SEARCHABLE_OPTIONS)}")
             _check_bounds(f"search.{name}", bounds, positive=True)
         return v
 
@@ -74,7 +74,7 @@ class Budget(_Strict):
 
 
 class Resources(_Strict):
-    cpu: float = Field(1.0, gt=0, description="CPUs per trial (also its torch threads)")
+    cpu: float = Field(1.0, gt=0, le=1024, description="CPUs per trial (also its torch threads)")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions share a GPU")
 
 
@@ -116,7 +116,7 @@ class SweepConfig(_Strict):
     def _known_methods(cls, v: dict[str, MethodSpec | None]) -> dict[str, MethodSpec | None]:
         unknown = [m for m in v if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method '{unknown[0]}'; known methods: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {show(unknown[0])}; known methods: {', '.join(METHODS)}")
         return v
 
     @field_validator("objective")
@@ -142,7 +142,7 @@ class SweepConfig(_Strict):
 
 def _check_bounds(where: str, bounds: Any, positive: bool = False) -> None:
     if not isinstance(bounds, list) or len(bounds) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
-        raise ValueError(f"{where}: expected [low, high], got {bounds!r}")
+        raise ValueError(f"{where}: expected [low, high], got {show(bounds)}")
     low, high = bounds
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{where}: bounds must be finite numbers, got {bounds!r}")
@@ -217,17 +217,17 @@ def _check_method_spec(sweep: SweepConfig, method: str, source: str) -> None:
     for section, entries in (("fix", spec.fix), ("space", spec.space)):
         for name in entries:
             if name not in own and name not in COMMON_SPACE:
-                raise UserError(f"{source}: methods.{method}.{section}.{name}: unknown parameter; {method}'s parameters: "
+                raise UserError(f"{source}: {field_path(['methods', method, section, name])}: unknown parameter; {method}'s parameters: "
                                 f"{', '.join(sorted(own | set(COMMON_SPACE)))}")
             if section == "space" and name not in cls.space and name not in COMMON_SPACE:
                 raise UserError(f"{source}: methods.{method}.space.{name}: not searched by {method}; fix it instead "
                                 f"(searchable: {', '.join(known)})")
     for name, override in spec.space.items():
-        where = f"methods.{method}.space.{name}"
+        where = field_path(["methods", method, "space", name])
         dim = (cls.space | COMMON_SPACE)[name]
         if isinstance(dim, Choice):
             if not isinstance(override, list) or not override:
-                raise UserError(f"{source}: {where}: expected a non-empty list of choices, got {override!r}")
+                raise UserError(f"{source}: {where}: expected a non-empty list of choices, got {show(override)}")
             probes = override
         else:
             try:
@@ -237,13 +237,13 @@ def _check_method_spec(sweep: SweepConfig, method: str, source: str) -> None:
             probes = override
         if dim in COMMON_SPACE.values() and name in COMMON_SPACE:
             if any(p <= 0 for p in probes):
-                raise UserError(f"{source}: {where}: {name} must be positive, got {override!r}")
+                raise UserError(f"{source}: {where}: {name} must be positive, got {show(override)}")
             continue
         for probe in probes:
             try:
                 cls.Params.model_validate({name: probe})
             except ValidationError as exc:
-                raise UserError(f"{source}: {where}: {override!r} leaves the parameter's valid values "
+                raise UserError(f"{source}: {where}: {show(override)} leaves the parameter's valid values "
                                 f"({format_validation_error(exc, prefix='')})") from None
     fixed_own = {k: v for k, v in spec.fix.items() if k in own}
     try:
@@ -253,7 +253,7 @@ def _check_method_spec(sweep: SweepConfig, method: str, source: str) -> None:
     for name in set(spec.fix) & set(COMMON_SPACE):
         value = spec.fix[name]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{source}: methods.{method}.fix.{name}: must be a positive number, got {value!r}")
+            raise UserError(f"{source}: methods.{method}.fix.{name}: must be a positive number, got {show(value)}")
 
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Any]:
