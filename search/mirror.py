@@ -89,13 +89,10 @@ class Mirror:
         except TRACKING_ERRORS as exc:
             self._went_offline(exc)
             return False
-        finally:
-            self.records.save()
 
     def _sync_trial(self, record: dict[str, Any]) -> None:
         if record["run_id"] is None:
             record["run_id"] = self._find_or_create_run(record)
-            self.records.save()
         if not record["run_ready"]:
             self._describe_run(record)
             record["run_ready"] = True
@@ -118,7 +115,7 @@ class Mirror:
             if found:
                 return found[0].info.run_id
         record["create_attempted"] = True
-        self.records.save()
+        self.records.save()  # on disk before the run exists: no run is ever left without its record
         teacher_sha = self.records.data.get("teacher", {}).get("sha256")
         tags = {PARENT_TAG: parent, ROLE_TAG: record["phase"], TRIAL_KEY_TAG: record["key"], **record["tags"],
                 **({"kdarena.teacher_sha256": teacher_sha} if teacher_sha else {})}

@@ -72,8 +72,8 @@ class MLflowRecorder(Callback):
         return self._mirror
 
     def _event(self, kind: str, key: str, record: dict[str, Any]) -> None:
-        self.records.save()
         self.mirror.trial(record)
+        self.records.save()
         view = LIVE_VIEWS.get(str(self.records_path))
         if view is not None:
             view(kind, key, record)

@@ -37,7 +37,8 @@ class SweepRecords:
 
     def save(self) -> None:
         tmp = self.path.with_name(self.path.name + ".partial")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        # compact: the C encoder, ~10x faster than indented output; the driver saves on every trial event
+        tmp.write_text(json.dumps(self.data, separators=(",", ":")))
         os.replace(tmp, self.path)
 
 
