@@ -165,7 +165,8 @@ def export(
     sweep_ref: Annotated[str, typer.Argument(metavar="SWEEP", help="sweep directory, sweep file, or sweep name")],
     top: Annotated[int | None, typer.Option(min=1, help="how many configs; default 1 (multi-objective: the whole Pareto set)")] = None,
     fmt: Annotated[str, typer.Option("--format", help="yaml (kdarena train configs) or json (configs with their scores)")] = "yaml",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="a file, or DIR/ for one file per config")] = None,
+    # text, not a Path: a Path would drop the trailing "/" that asks for a new folder
+    output: Annotated[str | None, typer.Option("-o", "--output", help="a file, or DIR/ for one file per config")] = None,
 ) -> None:
     """Write a sweep's best trials as configs that `kdarena train` re-runs exactly."""
     from .export import find_sweep_dir, ranked_trials, render, write
@@ -175,7 +176,7 @@ def export(
             raise UserError(f"--format {fmt!r}: choose yaml or json")
         sweep_dir = find_sweep_dir(sweep_ref)
         _, entries = ranked_trials(sweep_dir, top)
-        paths = write(entries, fmt, output)
+        paths = write(entries, fmt, Path(output) if output else None, as_dir=bool(output) and output.endswith(("/", os.sep)))
     except UserError as exc:
         _fail(exc)
     if output is None:

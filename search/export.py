@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from kdarena.dashboard.pareto import pareto_front
 from kdarena.methods import get_method
@@ -43,6 +44,16 @@ def find_sweep_dir(target: str) -> Path:
 
 def ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[dict[str, Any]]]:
     """The best full-budget trials, best first; `top=None`: the best one, or the whole Pareto set."""
+    try:
+        return _ranked_trials(sweep_dir, top)
+    except (ValidationError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        # a sweep directory may come from elsewhere: a damaged or hand-edited one is refused, never half-exported
+        raise UserError(f"sweep results in {sweep_dir} are damaged ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); run the sweep again with "
+                        "--resume, or restore its records.json and sweep.yaml") from None
+
+
+def _ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[dict[str, Any]]]:
     sweep = SweepConfig.model_validate(yaml.safe_load((sweep_dir / SWEEP_FILE).read_text()))
     records = SweepRecords(sweep_dir / RECORDS_FILE)
     full = [r for r in records.trials.values()
@@ -98,15 +109,16 @@ def render(entries: list[dict[str, Any]], fmt: str) -> str:
     return "---\n".join(docs)
 
 
-def write(entries: list[dict[str, Any]], fmt: str, output: Path | None) -> list[Path]:
-    """To stdout (None), one file per config (a directory), or one file (a single config, or a JSON list)."""
+def write(entries: list[dict[str, Any]], fmt: str, output: Path | None, as_dir: bool = False) -> list[Path]:
+    """To stdout (None), one file per config (a directory, or `as_dir`: DIR/ given), or one file (a single config, or a JSON list)."""
     if output is None:
         return []
-    if output.is_dir() or str(output).endswith("/"):
+    if output.is_dir() or as_dir or str(output).endswith("/"):
         output.mkdir(parents=True, exist_ok=True)
         paths = []
         for e in entries:
-            path = output / f"rank{e['rank']}-{e['method']}.{fmt}"
+            # named by the validated config's method (a registry name), never by free text from records.json
+            path = output / f"rank{int(e['rank'])}-{get_method(e['config']['method']['name']).name}.{fmt}"
             path.write_text(render([e], fmt) if fmt == "yaml" else json.dumps(e["config"], indent=2))
             paths.append(path)
         return paths

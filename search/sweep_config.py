@@ -107,7 +107,7 @@ class SweepConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not SAFE_NAME.match(v) or ".." in v:
+        if not SAFE_NAME.fullmatch(v) or ".." in v:  # fullmatch: `$` alone would let "name\n" through
             raise ValueError("use letters, digits, '.', '_' and '-' only (it names a folder)")
         return v
 

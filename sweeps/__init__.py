@@ -14,7 +14,6 @@ def presets() -> list[str]:
 
 
 def preset_path(name: str) -> Path:
-    path = FOLDER / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"unknown preset '{name}'; presets: {', '.join(presets())}")
-    return path
+    if name not in presets():  # a name, never a path: `--preset ../x` reads nothing outside this folder
+        raise UserError(f"unknown preset {name!r}; presets: {', '.join(presets())}")
+    return FOLDER / f"{name}.yaml"

@@ -14,6 +14,7 @@ import hashlib
 import math
 import shutil
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,18 +161,44 @@ def _imagefolder(root: Path, download: bool) -> tuple[Split, Split, int, Augment
 
 
 def _extract(archive: Path) -> Path:
+    """The archive unpacked under the data root; a member that would land outside it is refused, nothing is kept."""
     digest = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_size}:{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     target = default_root() / "extracted" / f"{archive.name.split('.')[0]}-{digest}"
     if not (target / ".complete").exists():
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter=_inside_only)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, tarfile.FilterError):
+                raise UserError(f"dataset 'imagefolder': {archive} is refused: member {exc.tarinfo.name!r} "
+                                f"{_FILTER_REASONS.get(type(exc), 'is not a plain file or folder')}; an image tree "
+                                "archive holds only train/ and test/ with plain files") from None
+            raise UserError(f"dataset 'imagefolder': {archive} cannot be unpacked ({type(exc).__name__}: {exc}); "
+                            "pass an intact .tar/.tar.gz or the extracted folder") from None
         (tmp / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target
+
+
+_FILTER_REASONS = {
+    tarfile.AbsolutePathError: "has an absolute path",
+    tarfile.OutsideDestinationError: "would be written outside the extraction folder ('..' in its path)",
+    tarfile.AbsoluteLinkError: "is a link to an absolute path",
+    tarfile.LinkOutsideDestinationError: "is a link that points outside the extraction folder",
+    tarfile.SpecialFileError: "is a device or other special file",
+}
+
+
+def _inside_only(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter, stricter: an absolute name is refused instead of being made relative."""
+    if member.name.startswith(("/", "\\")) or (member.islnk() and member.linkname.startswith(("/", "\\"))):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -186,8 +213,11 @@ def _decode_tree(folder: Path, classes: list[str]) -> Split:
         raise UserError(f"dataset 'imagefolder': no .jpg/.png images under {folder}")
     key = hashlib.sha256("\n".join(f"{c}:{p.name}:{p.stat().st_size}" for c, p in files).encode()).hexdigest()
     if cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        if saved.get("key") == key:
+        try:  # tensors only: a cache file swapped for a crafted pickle is refused here and decoded again below
+            saved = torch.load(cache, weights_only=True)
+        except Exception:  # noqa: BLE001 - any unreadable cache is just stale
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == key and _is_split(saved.get("images"), saved.get("labels"), len(files)):
             return Split(saved["images"], saved["labels"])
     first = decode_image(str(files[0][1]), mode=ImageReadMode.RGB)
     images = torch.empty((len(files), *first.shape), dtype=torch.uint8)
@@ -204,6 +234,11 @@ def _decode_tree(folder: Path, classes: list[str]) -> Split:
     except OSError:
         pass  # a read-only tree decodes again next time; nothing is lost
     return Split(images, labels)
+
+
+def _is_split(images, labels, n: int) -> bool:
+    return (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and images.dtype == torch.uint8
+            and labels.dtype == torch.int64 and images.dim() == 4 and images.shape[0] == labels.shape[0] == n)
 
 
 _LOADERS = {

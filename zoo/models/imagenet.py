@@ -62,7 +62,9 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle of non-tensor objects, …
-        raise UserError(f"weights file '{p}' cannot be read as a PyTorch state_dict ({exc}); {_NO_DOWNLOAD}") from exc
+        # not torch's own text: it spans lines and suggests weights_only=False, which would run a crafted file's code
+        raise UserError(f"weights file '{p}' cannot be read as a PyTorch state_dict ({type(exc).__name__}; kdarena "
+                        f"loads tensors only, never pickled objects); {_NO_DOWNLOAD}") from None
     state = _unwrap(obj)
     if state is None:
         raise UserError(f"weights file '{p}' does not hold a state_dict (a mapping of names to tensors); "
