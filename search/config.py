@@ -142,7 +142,7 @@ def get_method_or_error(name: str, source: str):
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """First error of a pydantic validation as `field.path: message (got value)`."""
     err = exc.errors()[0]
-    parts = ((prefix,) if prefix else ()) + tuple(err["loc"])
+    parts = (tuple(prefix.split(".")) if prefix else ()) + tuple(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if parts and parts[-1] == "[key]":  # pydantic's marker for a bad key of a mapping
         parts, msg = parts[:-1], f"the key: {msg}"
