@@ -138,7 +138,7 @@ class MLflowRecorder(Callback):
 
 def _scalars(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
-            and k not in ("trial_id", "date", "hostname", "node_ip", "experiment_tag")}
+            and k not in ("trial_id", "date", "hostname", "experiment_tag")}
 
 
 def _error_text(trial) -> str:

@@ -113,7 +113,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     try:
         ray.init(address=address, **kwargs) if address else ray.init(num_cpus=num_cpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+        hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
+                "(or ~/.ray/auth_token)")
+        raise UserError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}{hint}") from None
 
 
 def check_resources(sweep: SweepConfig) -> tuple[float, float]:
