@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from kdarena.zoo.data import BatchLoader, Dataset, Split
+from kdarena.zoo.errors import UserError
 
 from .base import Distiller, StepInfo
 from .recipe import Recipe
@@ -234,7 +236,11 @@ def _save(path: Path, epochs_done: int, history: list[EpochResult], distiller: D
 
 
 def _restore(path: Path, distiller: Distiller, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, list[EpochResult]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # tensors and plain containers only: a checkpoint that would run code is refused, never executed
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"checkpoint {path} cannot be read safely ({str(exc).strip().splitlines()[0][:200]}); "
+                        "delete it to start the run afresh") from None
     distiller.load_state_dict(state["distiller"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -205,12 +205,11 @@ def test_crafted_trial_checkpoint_never_runs_its_code(tmp_path, kind):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="methods/engine.py _restore lets torch's UnpicklingError through instead of "
-                                       "a UserError naming the file; the file belongs to the engine's owner")
 def test_crafted_trial_checkpoint_is_a_user_error(tmp_path):
     path = crafted_checkpoint(tmp_path / "checkpoint.pt", tmp_path / "marker", "torch-zip")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot be read safely"):
         _trial_checkpoint_fit(tmp_path, path)
+    assert not (tmp_path / "marker").exists()
 
 
 def _png(path: Path, value: int) -> None:
@@ -400,6 +399,15 @@ def test_teacher_store_names_are_hashes_whatever_the_options():
     for options in ({"channels": "../../../x"}, {"/etc/passwd": 1}, {"a": "\\..\\..\\x"}):
         key = teacher_key(TeacherConfig(arch="cnn", options=options), DatasetConfig())
         assert len(key) == 20 and set(key) <= set("0123456789abcdef")
+
+
+def test_leaderboard_export_file_names_are_slugs_of_any_dataset_name():
+    """`kdarena leaderboard --export DIR` names files after datasets read from the (possibly shared) MLflow store."""
+    from kdarena.search.cli import _slug
+
+    for name in ("../../evil", "/etc/passwd", "..", ".", "a/../../b", "\\..\\x", "x\n../y", "", "~"):
+        slug = _slug(name)
+        assert slug and slug not in (".", "..") and "/" not in slug and "\\" not in slug and not slug.startswith(".")
 
 
 def test_experiment_name_that_looks_like_a_path_writes_nothing_outside(migrated_store, tmp_path, monkeypatch):
