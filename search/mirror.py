@@ -11,8 +11,11 @@ waits is sent when it is back, at the end of the sweep or by `kdarena sync`.
 
 from __future__ import annotations
 
+import copy
 import os
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ PER_EPOCH = {"val_acc", "train_acc", "lr", "epoch_seconds"}
 # what a down, restarting or refusing tracking server raises through MlflowClient
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
 PROBE_INTERVAL_S = 10.0
+# what syncing changes in a trial's record (the rest belongs to the driver's thread)
+SYNC_FIELDS = ("run_id", "run_ready", "synced_epochs", "synced_final", "finished_ts_ms", "create_attempted")
 
 # A dead server must not stall the driver for minutes: MLflow retries each
 # request up to 7 times with exponential back-off by default.
@@ -90,9 +95,23 @@ class Mirror:
             self._went_offline(exc)
             return False
 
-    def _sync_trial(self, record: dict[str, Any]) -> None:
+    def _sync_trial(self, live: dict[str, Any]) -> None:
+        """Works on a copy, so the driver's thread may go on changing the record; progress is copied back."""
+        with self.records.lock:
+            record = copy.deepcopy(live)
+        try:
+            self._sync_copy(record, live)
+        finally:
+            self._commit(record, live)
+
+    def _commit(self, record: dict[str, Any], live: dict[str, Any]) -> None:
+        with self.records.lock:
+            live.update({f: record[f] for f in SYNC_FIELDS if f in record})
+            self.records.save()
+
+    def _sync_copy(self, record: dict[str, Any], live: dict[str, Any]) -> None:
         if record["run_id"] is None:
-            record["run_id"] = self._find_or_create_run(record)
+            record["run_id"] = self._find_or_create_run(record, live)
         if not record["run_ready"]:
             self._describe_run(record)
             record["run_ready"] = True
@@ -106,7 +125,7 @@ class Mirror:
             self._finish_run(record)
             record["synced_final"] = True
 
-    def _find_or_create_run(self, record: dict[str, Any]) -> str:
+    def _find_or_create_run(self, record: dict[str, Any], live: dict[str, Any]) -> str:
         parent = self.records.data["parent_run_id"]
         if record.get("create_attempted"):  # a create may have reached the server even though its answer did not
             found = self.client.search_runs(
@@ -115,7 +134,7 @@ class Mirror:
             if found:
                 return found[0].info.run_id
         record["create_attempted"] = True
-        self.records.save()  # on disk before the run exists: no run is ever left without its record
+        self._commit(record, live)  # on disk before the run exists: no run is ever left without its record
         teacher_sha = self.records.data.get("teacher", {}).get("sha256")
         tags = {PARENT_TAG: parent, ROLE_TAG: record["phase"], TRIAL_KEY_TAG: record["key"], **record["tags"],
                 **({"kdarena.teacher_sha256": teacher_sha} if teacher_sha else {})}
@@ -148,7 +167,8 @@ class Mirror:
 
     # -- the whole sweep ---------------------------------------------------------------
     def pending(self) -> list[dict[str, Any]]:
-        return [r for r in self.records.trials.values() if is_pending(r)]
+        with self.records.lock:
+            return [r for r in self.records.trials.values() if is_pending(r)]
 
     def all(self) -> int:
         """Sync every trial, the best students and the parent run's end; how many trials still wait (0: all there)."""
@@ -157,6 +177,9 @@ class Mirror:
             if not self.trial(record):
                 return len(self.pending())
         try:
+            while self.records.data.get("runs_to_delete"):  # runs of trials a killed driver lost
+                self.client.delete_run(self.records.data["runs_to_delete"][0])
+                self.records.data["runs_to_delete"].pop(0)
             self._best_students()
             status = self.records.data.get("status")
             if status and self.records.data.get("parent_synced") != status:
@@ -221,6 +244,47 @@ class Mirror:
                 self._went_offline(exc)
                 return False
         return True
+
+
+class MirrorWorker:
+    """A Mirror in a thread of its own, so MLflow's latency never holds up Ray Tune's loop (and so the trials,
+    whose reports wait for the driver). One per records file in this process: `mirror_worker()`."""
+
+    def __init__(self, mirror: Mirror):
+        self.mirror = mirror
+        self._queue: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._run, name="kdarena-mirror", daemon=True).start()
+
+    def submit(self, key: str) -> None:
+        self._queue.put(key)
+
+    def drain(self) -> None:
+        """Wait until every submitted trial has been synced (or found the server down)."""
+        self._queue.join()
+
+    def _run(self) -> None:
+        while True:
+            key = self._queue.get()
+            try:
+                with self.mirror.records.lock:
+                    record = self.mirror.records.trials.get(key)
+                    pending = record is not None and is_pending(record)
+                if pending:
+                    self.mirror.trial(record)
+            except Exception as exc:  # a bug here must not kill the thread and hang drain(); the records keep all
+                self.mirror.warn(f"could not record trial {key} in MLflow: {exc!r}; `kdarena sync` retries it")
+            finally:
+                self._queue.task_done()
+
+
+_WORKERS: dict[str, MirrorWorker] = {}
+
+
+def mirror_worker(records: SweepRecords, tracking_uri: str, experiment_id: str, warn) -> MirrorWorker:
+    key = str(records.path.resolve())
+    if key not in _WORKERS:
+        _WORKERS[key] = MirrorWorker(Mirror(MlflowClient(tracking_uri), experiment_id, records, warn=warn))
+    return _WORKERS[key]
 
 
 def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None, warn=None) -> tuple[int, int]:

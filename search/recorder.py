@@ -10,15 +10,15 @@ reach a down tracking server are sent later.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from .mirror import FINISHED, PER_EPOCH, Mirror, add_epoch, epochs_done, new_trial_record
+from .mirror import FINISHED, PER_EPOCH, MirrorWorker, add_epoch, epochs_done, mirror_worker, new_trial_record
 from .records import SweepRecords
 
 
@@ -29,6 +29,15 @@ def trial_key(phase: str, trial_id: str) -> str:
 # Live views by records file: Ray pickles callbacks into its experiment state,
 # so a restored sweep gets a fresh recorder that finds the driver's view here.
 LIVE_VIEWS: dict[str, Callable[[str, str, dict[str, Any]], None]] = {}
+
+
+def _holding_records_lock(hook):
+    """A hook changes records the MLflow mirror's thread copies: never half-way through a change."""
+    @functools.wraps(hook)
+    def locked(self, *args, **kwargs):
+        with self.records.lock:
+            return hook(self, *args, **kwargs)
+    return locked
 
 
 def notify(records_path: Path, text: str) -> None:
@@ -55,25 +64,20 @@ class MLflowRecorder(Callback):
         self.records_path = records_path
         self.phase = phase
         self.describe = describe
-        self._mirror: Mirror | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_mirror": None}
 
     @property
     def records(self) -> SweepRecords:
         return SweepRecords.open(self.records_path)
 
     @property
-    def mirror(self) -> Mirror:
-        if self._mirror is None:
-            self._mirror = Mirror(MlflowClient(self.tracking_uri), self.experiment_id, self.records,
-                                  warn=lambda text: notify(self.records_path, text))
-        return self._mirror
+    def mirror(self) -> MirrorWorker:
+        return mirror_worker(self.records, self.tracking_uri, self.experiment_id,
+                             warn=lambda text: notify(self.records_path, text))
 
     def _event(self, kind: str, key: str, record: dict[str, Any]) -> None:
-        self.mirror.trial(record)
+        """The record on disk before Ray goes on (so it is never behind Ray's own saved state); MLflow after."""
         self.records.save()
+        self.mirror.submit(key)
         view = LIVE_VIEWS.get(str(self.records_path))
         if view is not None:
             view(kind, key, record)
@@ -85,6 +89,7 @@ class MLflowRecorder(Callback):
         return key, (None if record is not None and record["status"] in FINISHED else record)
 
     # -- Ray Tune callback hooks ---------------------------------------------------
+    @_holding_records_lock
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         key = trial_key(self.phase, trial.trial_id)
         record = self.records.trials.get(key)
@@ -97,6 +102,7 @@ class MLflowRecorder(Callback):
         record["status"] = "running"
         self._event("start", key, record)
 
+    @_holding_records_lock
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         key, record = self._record(trial)
         if record is None:
@@ -111,6 +117,7 @@ class MLflowRecorder(Callback):
             record["reason"] = result.get("reason")
         self._event("result", key, record)
 
+    @_holding_records_lock
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         key, record = self._record(trial)
         if record is None:
@@ -126,6 +133,7 @@ class MLflowRecorder(Callback):
         record["checkpoint"] = checkpoint.path if checkpoint is not None else None
         self._event("complete", key, record)
 
+    @_holding_records_lock
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         key, record = self._record(trial)
         if record is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ class SweepRecords:
 
     def __init__(self, path: Path):
         self.path = path
+        self.lock = threading.RLock()  # the driver's thread and the MLflow mirror's share the records
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"parent_run_id": None, "trials": {}}
 
     @classmethod
@@ -36,10 +38,12 @@ class SweepRecords:
         return self.data["trials"]
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".partial")
-        # compact: the C encoder, ~10x faster than indented output; the driver saves on every trial event
-        tmp.write_text(json.dumps(self.data, separators=(",", ":")))
-        os.replace(tmp, self.path)
+        with self.lock:
+            # compact: the C encoder, ~10x faster than indented output; the driver saves on every trial event
+            text = json.dumps(self.data, separators=(",", ":"))
+            tmp = self.path.with_name(self.path.name + ".partial")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
 
 
 @dataclass

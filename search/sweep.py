@@ -33,7 +33,7 @@ from kdarena.methods.space import Choice, Dimension, IntRange
 from kdarena.zoo.errors import UserError
 
 from .per_method import PerMethodASHA, PerMethodSearch
-from .mirror import FINISHED, ROLE_TAG, TRACKING_ERRORS, Mirror
+from .mirror import FINISHED, ROLE_TAG, TRACKING_ERRORS, MirrorWorker, mirror_worker
 from .recorder import LIVE_VIEWS, MLflowRecorder, notify
 from .records import SWEEP_FILE, SweepPaths, SweepRecords, sweep_paths
 from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, method_space, trial_config
@@ -196,7 +196,8 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
     parent_id = records.data["parent_run_id"]
     if view is not None:
         LIVE_VIEWS[str(paths.records)] = view
-    mirror = Mirror(client, experiment_id, records, warn=lambda text: notify(paths.records, text))
+    worker = mirror_worker(records, uri, experiment_id, warn=lambda text: notify(paths.records, text))
+    mirror = worker.mirror
 
     try:
         needs_teacher = any(get_method(m).needs_teacher for m in sweep.methods)
@@ -215,18 +216,19 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, sweep_doc=sweep_doc, data=data, teacher_state=teacher_state),
             {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
-        _search(sweep, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc, mirror)
+        _search(sweep, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc, worker)
         best = best_trials(records, sweep.budget.epochs)
         records.data["best"] = {method: record["key"] for method, record in best.items()}
         seeds = final_seeds if final_seeds is not None else sweep.final.seeds
         finals = _final_runs(sweep, best, seeds, trainable, paths, uri, experiment_id, concurrency, resume, sweep_doc,
-                             mirror) if seeds else {}
+                             worker) if seeds else {}
         records.data["status"] = "FINISHED"
     except KeyboardInterrupt:
         records.data["status"] = "KILLED"
         raise
     finally:
         records.save()
+        worker.drain()
         waiting = mirror.all()
         if waiting:
             mirror.warn(f"{waiting} trial(s) are not in MLflow yet: they wait in {paths.records}; "
@@ -236,12 +238,12 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
 
 
 def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experiment_id: str, concurrency: int,
-            resume: bool, sweep_doc: dict[str, Any], mirror: Mirror) -> None:
+            resume: bool, sweep_doc: dict[str, Any], worker: MirrorWorker) -> None:
     """All methods' studies in one Tune experiment (`ray/search`), resumable from its directory."""
     experiment_dir = paths.ray / "search"
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
-        _drop_lost_trials(paths, "trial", mirror)
+        _drop_lost_trials("trial", worker)
         _fail_stale_optuna_trials(paths, sweep.methods)
         _raise_if_interrupted(paths, "trial", sweep.trials_for() * len(sweep.methods))
         return
@@ -280,13 +282,15 @@ def _raise_if_interrupted(paths: SweepPaths, phase: str, planned: int) -> None:
         raise KeyboardInterrupt(f"{finished} of {planned} {phase} runs finished")
 
 
-def _drop_lost_trials(paths: SweepPaths, phase: str, mirror: Mirror) -> None:
+def _drop_lost_trials(phase: str, worker: MirrorWorker) -> None:
     """Trials a killed driver recorded but Ray's last saved state never knew: Ray ran others in their place.
 
     A restored experiment has run every trial it knows, so a record still
     running is one of these. It leaves the records and its MLflow run is
     deleted, so the sweep keeps its planned count and no duplicate runs.
     """
+    worker.drain()  # no run is being created for a trial that is about to go
+    mirror = worker.mirror
     records = mirror.records
     lost = [key for key, r in records.trials.items() if r["phase"] == phase and r["status"] not in FINISHED]
     for key in lost:
@@ -331,13 +335,13 @@ def best_trials(records: SweepRecords, epochs: int, phase: str = "trial") -> dic
 
 def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int, trainable, paths: SweepPaths,
                 uri: str, experiment_id: str, concurrency: int, resume: bool,
-                sweep_doc: dict[str, Any], mirror: Mirror) -> dict[str, dict[str, Any]]:
+                sweep_doc: dict[str, Any], worker: MirrorWorker) -> dict[str, dict[str, Any]]:
     """Each method's best config on `seeds` seeds: the mean ± std test accuracy the leaderboard ranks."""
     experiment_dir = paths.ray / "final"
     planned = seeds * len(best)
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
-        _drop_lost_trials(paths, "final", mirror)
+        _drop_lost_trials("final", worker)
     else:
         points = []
         for method, record in best.items():
