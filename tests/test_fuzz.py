@@ -44,8 +44,7 @@ from kdarena.zoo.errors import UserError
 
 EXAMPLES = int(os.environ.get("KDARENA_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # a tracking store that cannot be written: a valid train config ends at that check, before any data or model
 NOWHERE = "sqlite:////nonexistent-kdarena-fuzz/mlflow.db"
 
