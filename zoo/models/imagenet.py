@@ -41,10 +41,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models.resnet import Bottleneck
 
 from ..errors import UserError
 from .base import StagedModel, StageOutput
@@ -134,6 +132,8 @@ class TorchvisionResNet(StagedModel):
         if stem not in ("auto", "cifar", "imagenet"):
             raise ValueError(f"stem must be 'auto', 'cifar' or 'imagenet', got {stem!r}")
         _check_resize(resize)
+        import torchvision  # here, not at the top: it costs every process ~1 s that never builds one
+
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         seen = resize or input_size
         self.small_stem = stem == "cifar" or (stem == "auto" and seen < 64)
@@ -166,6 +166,8 @@ def _block_with_preact(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     identity = x if block.downsample is None else block.downsample(x)
     out = F.relu(block.bn1(block.conv1(x)))
     out = block.bn2(block.conv2(out))
+    from torchvision.models.resnet import Bottleneck
+
     if isinstance(block, Bottleneck):
         out = block.bn3(block.conv3(F.relu(out)))
     z = out + identity
@@ -195,6 +197,8 @@ class TorchvisionInceptionV3(StagedModel):
         _check_resize(resize)
         if resize is not None and resize < INCEPTION_MIN_SIZE:
             raise ValueError(f"Inception-v3 needs inputs of at least {INCEPTION_MIN_SIZE} px, got resize={resize}")
+        import torchvision
+
         net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True,
                                               num_classes=num_classes, dropout=dropout)
         if in_channels != 3:
