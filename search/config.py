@@ -284,6 +284,8 @@ def read_yaml_text(text: str, fix_syntax: str = "fix the file's syntax") -> list
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         tag = re.match(r"could not determine a constructor for the tag '(?:(tag:yaml\.org,2002:)|)(.*)'$", problem)
+        if len(problem) > 200:  # PyYAML quotes the offending token whole: an alias name can be pages long
+            problem = problem[:199] + "…"
         if tag:
             name = ("!!" if tag.group(1) else "") + tag.group(2)
             raise ValueError(f"the YAML tag {show(name)}{where} is refused: kdarena reads plain data (numbers, text, "

@@ -349,6 +349,7 @@ def test_set_overrides_on_the_default_config(folder, sets):
 @given(doc=_document(SWEEP_BASES))
 @example(doc="name: ../../x\n")
 @example(doc="{}")
+@example(doc="*a" + "9" * 5000)  # PyYAML quotes the undefined alias whole in its message
 @example(doc="a: &a [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
              "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
              "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n")
