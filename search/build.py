@@ -15,8 +15,12 @@ from .config import ModelConfig, TrainConfig
 def make_model(spec: ModelConfig, data: Dataset, seed: int) -> StagedModel:
     """Build `spec` for `data`'s shape; the seed fixes its initial weights."""
     torch.manual_seed(seed)
-    return build_model(spec.arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                       input_size=data.input_size, **spec.options)
+    try:
+        return build_model(spec.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                           input_size=data.input_size, **spec.options)
+    except (MemoryError, RuntimeError) as exc:  # e.g. channels: 10000000 asks for terabytes of weights
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{spec.label} cannot be built ({first}); lower its options") from None
 
 
 def pair_info(student: StagedModel, teacher: StagedModel, data: Dataset) -> PairInfo:

@@ -45,6 +45,29 @@ def uninterrupted_and_resumed(make_distiller, data, recipe, tmp_path, stop_after
     return full, run(tmp_path / "resumed.pt")
 
 
+def wait_http(url: str, proc, log, what: str, timeout: float = 120) -> None:
+    """Until `url` answers 200; fails the test with the process's log if it exits or never answers."""
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{Path(log).read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not answer {url} in {timeout:.0f} s:\n{Path(log).read_text()[-4000:]}")
+        time.sleep(0.25)
+
+
 def free_port() -> int:
     import socket
 
@@ -69,8 +92,6 @@ class MlflowServer:
         import os
         import subprocess
         import sys
-        import time
-        import urllib.request
         from pathlib import Path
 
         exe = Path(sys.executable).parent / "mlflow"
@@ -79,18 +100,15 @@ class MlflowServer:
             [str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{Path(self.root) / 'mlflow.db'}",
              "--artifacts-destination", str(Path(self.root) / "artifacts"), *self.extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env or os.environ.copy())
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not start: {(Path(self.root) / 'mlflow-server.log').read_text()[-2000:]}")
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            # its background job workers are of no use to kdarena and cost seconds at every start
+            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | (self.env or os.environ.copy()))
+        try:
+            wait_http(f"{self.uri}/health", self.proc, Path(self.root) / "mlflow-server.log", "mlflow server", timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         import os

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +30,10 @@ TABLE_ROWS = '[data-testid="stDataFrame"] table tbody tr'
 WAIT_MS = 120_000  # first page of a fresh server: imports MLflow and plotly, reads the store
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(swept_store: dict, tmp_path_factory: pytest.TempPathFactory):
     """The dashboard on a free port of 127.0.0.1, started the way a user starts it; stopped after the module."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("dashboard") / "server.log"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     with open(log_path, "w") as log:
@@ -49,19 +42,7 @@ def server(swept_store: dict, tmp_path_factory: pytest.TempPathFactory):
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=swept_store["work"])
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kdarena dashboard exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"kdarena dashboard did not answer /_stcore/health in 90 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
+        wait_http(f"{base}/_stcore/health", proc, log_path, "kdarena dashboard", timeout=90)
         yield base
     finally:
         proc.terminate()

@@ -29,7 +29,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -42,6 +41,8 @@ import kdarena.dashboard
 from kdarena.dashboard import queries
 from kdarena.search.cli import app as cli
 
+from helpers import wait_http
+
 APP = str(Path(kdarena.dashboard.__file__).with_name("app.py"))
 TIMEOUT = 120  # the first page of a session imports MLflow and plotly
 FAST = ["--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"]  # digits, kd, CNN -> CNN: seconds
@@ -51,23 +52,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 120) -> None:
-    """Until `url` answers 200; fails with the process's log if it exits or never answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not answer {url} in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.25)
 
 
 def _stop(proc: subprocess.Popen, group: bool = False) -> None:
@@ -145,7 +129,7 @@ def test_dashboard_listens_on_loopback_only_unless_host_says_otherwise(tmp_path:
         started.append((port, proc, log))
     try:
         for port, proc, log in started:
-            _wait_http(f"http://127.0.0.1:{port}/_stcore/health", proc, log, "kdarena dashboard")
+            wait_http(f"http://127.0.0.1:{port}/_stcore/health", proc, log, "kdarena dashboard")
         (local_port, _, _), (open_port, _, _) = started
         others = _other_addresses()
 
@@ -324,7 +308,7 @@ def auth_server(_auth_server_boot: dict) -> dict:
     """The booted server, with one user (alice, default permission READ) made by the admin."""
     server = _auth_server_boot
     url = server["url"]
-    _wait_http(f"{url}/health", server["proc"], server["log"], "mlflow server --app-name basic-auth", timeout=180)
+    wait_http(f"{url}/health", server["proc"], server["log"], "mlflow server --app-name basic-auth", timeout=180)
     status, text = _request(f"{url}/api/2.0/mlflow/users/create", ADMIN, {"username": USER[0], "password": USER[1]})
     assert status == 200, text
     return server

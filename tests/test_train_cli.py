@@ -114,6 +114,8 @@ BAD_INPUTS = {
     "malformed yaml": ("dataset: [digits\nmethod: kd\n", "malformed YAML at line"),
     "top level not a mapping": ("- a\n- b\n", "top level"),
     "unknown model": ({"student": {"arch": "resnet9000"}}, "known models:"),
+    "model too large to build": ({"student": {"arch": "mlp", "options": {"hidden": [10000000, 10000000]}}},
+                                 "cannot be built"),
     "unknown method": ({"method": {"name": "magic"}}, "known methods: baseline, kd"),
     "unknown dataset": ({"dataset": {"name": "imagenet22k"}}, "known datasets: digits"),
     "unknown field": ({"trian": {"epochs": 3}}, "trian: unknown field"),
