@@ -108,6 +108,10 @@ class Distiller(nn.Module):
         owned = {id(p) for opt in self.aux_optimizers().values() for g in opt.param_groups for p in g["params"]}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in owned]
 
+    def classifier_free_epochs(self, total_epochs: int) -> int:
+        """Leading epochs that do not train the classifier (a hint or FSP stage): chance val_acc there is by design."""
+        return 0
+
     def extra_params(self) -> int:
         """Parameters of training-only modules: reported, never deployed."""
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("student."))

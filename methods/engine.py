@@ -151,7 +151,8 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         start_epoch, history = _restore(checkpoint_path, distiller, optimizer, scheduler)
 
     chance = chance_accuracy(data.val.labels)
-    at_chance = _epochs_at_chance(history, chance)
+    judged_from = distiller.classifier_free_epochs(recipe.epochs)  # a hint/FSP stage is at chance by design
+    at_chance = _epochs_at_chance(history, chance, judged_from)
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
         distiller.train()
@@ -179,7 +180,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
             val_acc=evaluate(distiller.student, val_loader), lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - t0, diagnostics=distiller.pop_diagnostics(),
         )
-        at_chance = at_chance + 1 if result.val_acc <= chance + CHANCE_MARGIN else 0
+        at_chance = at_chance + 1 if epoch >= judged_from and result.val_acc <= chance + CHANCE_MARGIN else 0
         if recipe.chance_patience and at_chance >= recipe.chance_patience:
             reason = (f"val_acc at chance ({result.val_acc:.3f}, majority class {chance:.3f}) for {at_chance} epochs "
                       f"in a row, up to epoch {epoch + 1}")
@@ -203,11 +204,11 @@ def chance_accuracy(labels: torch.Tensor) -> float:
     return float(torch.bincount(labels).max()) / max(1, labels.numel())
 
 
-def _epochs_at_chance(history: list[EpochResult], chance: float) -> int:
+def _epochs_at_chance(history: list[EpochResult], chance: float, judged_from: int) -> int:
     """Trailing epochs at chance in a restored history, so a resumed run counts on."""
     count = 0
     for e in reversed(history):
-        if e.val_acc > chance + CHANCE_MARGIN:
+        if e.epoch < judged_from or e.val_acc > chance + CHANCE_MARGIN:
             break
         count += 1
     return count

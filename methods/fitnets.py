@@ -119,6 +119,10 @@ class FitNets(Distiller):
             pred, target = self.regressor(guided.flatten(1)), hint.flatten(1)
         return 0.5 * F.mse_loss(pred.float(), target.float())
 
+    def classifier_free_epochs(self, total_epochs: int) -> int:
+        p: FitNetsParams = self.params
+        return hint_stage_epochs(p.hint_epochs, total_epochs) if p.stages == 2 else 0
+
     def in_hint_stage(self, step: StepInfo) -> bool:
         p: FitNetsParams = self.params
         return p.stages == 2 and step.epoch < hint_stage_epochs(p.hint_epochs, step.total_epochs)

@@ -123,6 +123,10 @@ class FSP(Distiller):
                 total = total + self.pair_weight[k] * diff.pow(2).sum(dim=(1, 2)).mean()
         return total
 
+    def classifier_free_epochs(self, total_epochs: int) -> int:
+        p: FSPParams = self.params
+        return stage_one_epochs(p.init_epochs, total_epochs) if p.stages == 2 else 0
+
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo):
         p: FSPParams = self.params
         out = self.student.forward_stages(images)

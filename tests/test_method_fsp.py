@@ -137,3 +137,13 @@ def test_cli_trains_fsp_and_records_diagnostics(cache_env, tmp_path):
     run = client.get_run(summary["run_id"])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "diag_stage")] == [1, 2]
     assert "diag_fsp_loss" in run.data.metrics and run.data.metrics["extra_params"] > 0
+
+
+def test_fsp_stage_at_chance_by_design_is_not_divergence(digits):
+    """Stage 1 trains no classifier, so val_acc sits at chance; chance_patience judges only from stage 2."""
+    teacher, student = _cnn(1, 16), _cnn(0)
+    fsp = _fsp(student, teacher, stages=2, init_epochs=0.5)
+    assert fsp.classifier_free_epochs(4) == 2
+    result = fit(fsp, digits, Recipe(epochs=4, chance_patience=1), device=torch.device("cpu"), evaluate_test=False)
+    assert result.status == "completed", result.reason
+    assert result.history[0].val_acc < 0.2 and result.history[-1].val_acc > 0.5  # at chance, then learning
