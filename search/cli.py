@@ -197,7 +197,7 @@ def sync(
 
     try:
         sweep_dir = find_sweep_dir(sweep_ref)
-        waiting, _ = sync_sweep(sweep_dir, tracking_uri)
+        waiting = sync_sweep(sweep_dir, tracking_uri)
     except UserError as exc:
         _fail(exc)
     err.print(f"{sweep_dir.name}: {waiting} trial(s) sent; MLflow has every trial" if waiting

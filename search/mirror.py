@@ -287,8 +287,8 @@ def mirror_worker(records: SweepRecords, tracking_uri: str, experiment_id: str, 
     return _WORKERS[key]
 
 
-def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None, warn=None) -> tuple[int, int]:
-    """`kdarena sync`: send what waits in a sweep's records to MLflow. (trials that were waiting, still waiting)."""
+def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None, warn=None) -> int:
+    """`kdarena sync`: send what waits in a sweep's records to MLflow; how many trials were waiting."""
     from kdarena.zoo.errors import UserError
 
     from .records import RECORDS_FILE
@@ -304,4 +304,4 @@ def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None, warn=None) -> t
     if left:
         raise UserError(f"MLflow at {uri} is unreachable: {left} trial(s) still wait in {records.path}; start the "
                         "tracking server (or pass --tracking-uri) and run `kdarena sync` again")
-    return waiting, left
+    return waiting
