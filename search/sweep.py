@@ -251,7 +251,7 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
     metric, mode = (metrics, modes) if len(metrics) > 1 else (metrics[0], modes[0])
     searchers = {}
     for method in sweep.methods:
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.study(method))))
+        storage = study_storage(paths, method)
         sampler = optuna.samplers.RandomSampler(seed=sweep.seed) if sweep.sampler == "random" else None
         searchers[method] = OptunaSearch(
             DefineByRun(method, method_space(sweep, method), tuple(s.search for s in sweep.students)),
@@ -303,10 +303,15 @@ def _drop_lost_trials(phase: str, worker: MirrorWorker) -> None:
     records.save()
 
 
+def study_storage(paths: SweepPaths, method: str) -> optuna.storages.JournalStorage:
+    """A method's Optuna study: a journal file in the sweep directory, so a resume continues it."""
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.study(method))))
+
+
 def _fail_stale_optuna_trials(paths: SweepPaths, methods) -> None:
     """Optuna trials still RUNNING once every Ray trial ended were asked for by a killed driver: mark them FAIL."""
     for method in methods:
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.study(method))))
+        storage = study_storage(paths, method)
         study = optuna.load_study(study_name=method, storage=storage)
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
