@@ -37,6 +37,7 @@ PER_EPOCH = {"val_acc", "train_acc", "lr", "epoch_seconds"}
 # what a down, restarting or refusing tracking server raises through MlflowClient
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
 PROBE_INTERVAL_S = 10.0
+EPOCH_SYNC_INTERVAL_S = 5.0
 # what syncing changes in a trial's record (the rest belongs to the driver's thread)
 SYNC_FIELDS = ("run_id", "run_ready", "synced_epochs", "synced_final", "finished_ts_ms", "create_attempted")
 
@@ -248,33 +249,69 @@ class Mirror:
 
 class MirrorWorker:
     """A Mirror in a thread of its own, so MLflow's latency never holds up Ray Tune's loop (and so the trials,
-    whose reports wait for the driver). One per records file in this process: `mirror_worker()`."""
+    whose reports wait for the driver). One per records file in this process: `mirror_worker()`.
 
-    def __init__(self, mirror: Mirror):
+    A running trial's new epochs are sent at most every `epoch_interval_s`, in one batch: each MLflow write
+    costs the driver tens of milliseconds of CPU, taken from the cores the trials run on. A trial's start
+    and end, and `drain()`, are sent at once.
+    """
+
+    _FLUSH = "\0flush"
+
+    def __init__(self, mirror: Mirror, epoch_interval_s: float = EPOCH_SYNC_INTERVAL_S):
         self.mirror = mirror
+        self.epoch_interval_s = epoch_interval_s
         self._queue: queue.Queue[str] = queue.Queue()
+        self._due: dict[str, float] = {}  # trials whose new epochs wait, and when they go (monotonic seconds)
+        self._last_sync: dict[str, float] = {}
         threading.Thread(target=self._run, name="kdarena-mirror", daemon=True).start()
 
     def submit(self, key: str) -> None:
         self._queue.put(key)
 
     def drain(self) -> None:
-        """Wait until every submitted trial has been synced (or found the server down)."""
+        """Wait until every submitted trial has been synced, waiting epochs included (or found the server down)."""
+        self._queue.put(self._FLUSH)
         self._queue.join()
 
     def _run(self) -> None:
         while True:
-            key = self._queue.get()
+            wait = max(0.0, min(self._due.values()) - time.monotonic()) if self._due else None
             try:
-                with self.mirror.records.lock:
-                    record = self.mirror.records.trials.get(key)
-                    pending = record is not None and is_pending(record)
-                if pending:
-                    self.mirror.trial(record)
-            except Exception as exc:  # a bug here must not kill the thread and hang drain(); the records keep all
-                self.mirror.warn(f"could not record trial {key} in MLflow: {exc!r}; `kdarena sync` retries it")
+                key = self._queue.get(timeout=wait)
+            except queue.Empty:
+                now = time.monotonic()
+                for due in [k for k, t in self._due.items() if t <= now]:
+                    self._sync(due)
+                continue
+            try:
+                if key == self._FLUSH:
+                    for due in list(self._due):
+                        self._sync(due)
+                elif self._only_epochs_wait(key) and key in self._last_sync:
+                    self._due.setdefault(key, self._last_sync[key] + self.epoch_interval_s)
+                else:
+                    self._sync(key)
             finally:
                 self._queue.task_done()
+
+    def _only_epochs_wait(self, key: str) -> bool:
+        with self.mirror.records.lock:
+            record = self.mirror.records.trials.get(key)
+            return (record is not None and record["run_id"] is not None and record["run_ready"]
+                    and record["status"] not in FINISHED)
+
+    def _sync(self, key: str) -> None:
+        self._due.pop(key, None)
+        self._last_sync[key] = time.monotonic()
+        try:
+            with self.mirror.records.lock:
+                record = self.mirror.records.trials.get(key)
+                pending = record is not None and is_pending(record)
+            if pending:
+                self.mirror.trial(record)
+        except Exception as exc:  # a bug here must not kill the thread and hang drain(); the records keep all
+            self.mirror.warn(f"could not record trial {key} in MLflow: {exc!r}; `kdarena sync` retries it")
 
 
 _WORKERS: dict[str, MirrorWorker] = {}
