@@ -24,6 +24,7 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from kdarena.methods import get_method
@@ -47,6 +48,9 @@ from .trial import run_trial, split_trial_params
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # small sweeps checkpoint often by design; Ray's "syncing took long" advice is noise here
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune's CSV and TensorBoard loggers repeat what MLflow records, on the path every report waits on (~8 ms
+# an epoch); the JSON log (result.json, what Tune's own analysis reads) is kept in _run_config.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 @dataclass(frozen=True)
@@ -318,7 +322,7 @@ def _fail_stale_optuna_trials(paths: SweepPaths, methods) -> None:
 
 
 def _run_config(name: str, paths: SweepPaths, recorder: MLflowRecorder) -> tune.RunConfig:
-    return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=[recorder], verbose=0,
+    return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=[recorder, JsonLoggerCallback()], verbose=0,
                           failure_config=tune.FailureConfig(max_failures=2),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
 
