@@ -38,7 +38,7 @@ from .recorder import LIVE_VIEWS, MLflowRecorder, notify
 from .records import SWEEP_FILE, SweepPaths, SweepRecords, sweep_paths
 from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, method_space, trial_config
 from .teacher_store import check_writable
-from .tracking import resolve_tracking_uri
+from .tracking import resolve_tracking_uri, writes_allowed
 from .train_job import (Callbacks, build_distiller, ensure_experiment, load_config_dataset, resolve_teacher,
                         teacher_cache_dir)
 from .trial import run_trial, split_trial_params
@@ -184,16 +184,17 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
     paths.root.mkdir(parents=True, exist_ok=True)
     (paths.root / SWEEP_FILE).write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
     mlflow.set_tracking_uri(uri)
-    experiment_id = ensure_experiment(sweep.experiment, uri)
     client = MlflowClient(uri)
     records = SweepRecords.open(paths.records)
-    if records.data["parent_run_id"] is None:
-        parent = client.create_run(experiment_id, run_name=f"sweep-{sweep.name}",
-                                   tags={ROLE_TAG: "sweep", "kdarena.sweep": sweep.name,
-                                         "kdarena.dataset": sweep.dataset.name, "kdarena.teacher": sweep.teacher.arch})
-        records.data["parent_run_id"] = parent.info.run_id
-        records.save()
-        client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "sweep.yaml")
+    with writes_allowed(uri, sweep.experiment, "set `experiment:` in the sweep file to an experiment of your own"):
+        experiment_id = ensure_experiment(sweep.experiment, uri)
+        if records.data["parent_run_id"] is None:
+            parent = client.create_run(experiment_id, run_name=f"sweep-{sweep.name}",
+                                       tags={ROLE_TAG: "sweep", "kdarena.sweep": sweep.name,
+                                             "kdarena.dataset": sweep.dataset.name, "kdarena.teacher": sweep.teacher.arch})
+            records.data["parent_run_id"] = parent.info.run_id
+            records.save()
+            client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "sweep.yaml")
     records.data |= {"tracking_uri": uri, "experiment_id": experiment_id, "status": None}
     records.save()
     parent_id = records.data["parent_run_id"]

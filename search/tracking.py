@@ -7,6 +7,8 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,20 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
     uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     check_tracking_uri(uri)
     return uri
+
+
+@contextmanager
+def writes_allowed(uri: str, experiment: str, fix: str) -> Iterator[None]:
+    """A server's 403 (a user who may read the experiment but not write to it) as one UserError, not a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code != "PERMISSION_DENIED":
+            raise
+        raise UserError(f"the MLflow server at {uri} refused to record into experiment {experiment!r} (HTTP 403: "
+                        f"this user may not write to it); ask its owner for EDIT permission, or {fix}") from None
 
 
 def default_tracking_uri() -> str:

@@ -30,7 +30,7 @@ from .build import build_distiller, make_model, pair_info
 from .config import DatasetConfig, TeacherConfig, TrainConfig
 from .export import config_yaml, export_config
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
-from .tracking import flatten, source_commit
+from .tracking import flatten, source_commit, writes_allowed
 
 ROLE_TAG = "kdarena.role"
 
@@ -111,23 +111,24 @@ def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None =
     data = load_config_dataset(cfg.dataset)
     method = get_method(cfg.method.name)
     build_distiller(cfg, data, None)  # the pair check, before any training or recording
-    teacher: StoredTeacher | None = None
-    if method.needs_teacher or cfg.teacher.checkpoint:
-        teacher = resolve_teacher(cfg.teacher, cfg.dataset, data, teacher_cache_dir(cfg.cache_dir), cfg.experiment,
-                                  tracking_uri, callbacks, device)
-    distiller = build_distiller(cfg, data, teacher.model if teacher else None)
+    with writes_allowed(tracking_uri, cfg.experiment, "record into an experiment of your own: --set experiment=NAME"):
+        teacher: StoredTeacher | None = None
+        if method.needs_teacher or cfg.teacher.checkpoint:
+            teacher = resolve_teacher(cfg.teacher, cfg.dataset, data, teacher_cache_dir(cfg.cache_dir), cfg.experiment,
+                                      tracking_uri, callbacks, device)
+        distiller = build_distiller(cfg, data, teacher.model if teacher else None)
 
-    run_name = f"{cfg.method.name}-{cfg.student.arch}-{cfg.dataset.name}"
-    experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={ROLE_TAG: "train"}) as run:
-        try:
-            summary = _train_and_record(cfg, data, distiller, teacher, device, callbacks, source_config)
-        except KeyboardInterrupt:
-            mlflow.end_run(status="KILLED")
-            raise
-        except BaseException:
-            mlflow.end_run(status="FAILED")
-            raise
+        run_name = f"{cfg.method.name}-{cfg.student.arch}-{cfg.dataset.name}"
+        experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={ROLE_TAG: "train"}) as run:
+            try:
+                summary = _train_and_record(cfg, data, distiller, teacher, device, callbacks, source_config)
+            except KeyboardInterrupt:
+                mlflow.end_run(status="KILLED")
+                raise
+            except BaseException:
+                mlflow.end_run(status="FAILED")
+                raise
     return {"run_id": run.info.run_id} | summary
 
 

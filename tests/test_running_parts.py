@@ -11,7 +11,8 @@
   basic-auth`): it refuses anonymous requests; `kdarena train` records a run
   with a user's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; wrong or
   missing credentials end in one clear message and exit code 2, before
-  anything is trained or written.
+  anything is trained or written; so does a user who may only read the
+  experiment (HTTP 403), for `kdarena train` and `kdarena sweep`.
 """
 
 from __future__ import annotations
@@ -393,3 +394,31 @@ def test_wrong_or_missing_credentials_fail_clearly_before_any_work(auth_server: 
     assert not (tmp_path / "none").exists()
 
     assert _run_count(url) == runs_before  # nothing half-written
+
+
+def test_an_experiment_the_user_may_only_read_fails_clearly_and_writes_nothing(auth_server: dict, tmp_path: Path):
+    """alice (default permission READ) into an experiment the admin owns: a 403 on the first write, not a traceback."""
+    url = auth_server["url"]
+    status, text = _request(f"{url}/api/2.0/mlflow/experiments/create", ADMIN, {"name": "admins-only"})
+    assert status == 200, text
+    runs_before = _run_count(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env |= {"MLFLOW_TRACKING_USERNAME": USER[0], "MLFLOW_TRACKING_PASSWORD": USER[1], "OMP_NUM_THREADS": "1",
+            "KDARENA_CACHE": str(tmp_path / "cache")}
+    sweep_file = tmp_path / "shared.yaml"
+    sweep_file.write_text(json.dumps({
+        "name": "shared", "experiment": "admins-only", "dataset": {"name": "digits"},
+        "teacher": {"arch": "cnn", "options": {"channels": 4}}, "students": [{"arch": "cnn", "options": {"channels": 4}}],
+        "methods": {"baseline": {}}, "budget": {"trials_per_method": 1, "epochs": 1}}))
+    commands = {"train": (["train", *FAST, "--set", "experiment=admins-only"], "--set experiment=NAME"),
+                "sweep": (["sweep", str(sweep_file), "--storage", str(tmp_path / "sweeps")], "`experiment:` in the sweep file")}
+    for name, (args, fix) in commands.items():
+        done = subprocess.run([sys.executable, "-m", "kdarena.search.cli", *args, "--tracking-uri", url],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert done.returncode == 2, (name, done.stderr[-4000:])
+        message = " ".join(done.stderr.split())
+        assert f"the MLflow server at {url} refused to record into experiment 'admins-only' (HTTP 403" in message, name
+        assert "EDIT permission" in message and fix in message and "Traceback" not in done.stderr, name
+    assert not list(tmp_path.rglob("*.pt"))  # no teacher trained for a run that could not be recorded
+    assert not (tmp_path / "sweeps" / "shared" / "records.json").exists()  # the sweep can start again as it is
+    assert _run_count(url) == runs_before
