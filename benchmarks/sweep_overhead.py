@@ -6,7 +6,16 @@ is what the sweep machinery costs: Ray start-up, the object store, the
 trial actor, per-epoch reports and checkpoints, the driver's MLflow writes.
 The teacher is trained before either side is timed.
 
-    python -m benchmarks.sweep_overhead [--trials 4] [--epochs 30] [--channels 32]
+A shared 2-vCPU machine drifts by 10-20 % in speed over minutes, so the
+plain loop runs before and after the sweep and the ratio is against their
+mean; the seconds the trials spent inside their epochs are printed for both
+sides, so a drift (or epochs slowed by Ray's processes) shows.
+
+With `--address`, the sweep attaches to a Ray that is already running
+(`ray start --head --num-cpus 2`), as on a cluster: Ray's own start-up is
+then not part of the sweep's time.
+
+    python -m benchmarks.sweep_overhead [--trials 4] [--epochs 40] [--channels 32] [--address ADDR]
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import ray
 import torch
 
 from kdarena.methods.engine import fit
@@ -27,8 +37,9 @@ from .common import timed_sweep, workspace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--channels", type=int, default=32, help="student width: sets the seconds per trial")
+    parser.add_argument("--address", default=None, help="a running Ray to attach to instead of starting one")
     args = parser.parse_args()
     work = workspace("overhead")
 
@@ -48,19 +59,31 @@ def main() -> None:
 
     sweep = parse_sweep(doc, "overhead")
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    for _ in range(args.trials):
-        trial_cfg = trial_config(sweep, "kd", 0, {}, {})
-        fit(build_distiller(trial_cfg, data, teacher.model), data, trial_cfg.train, device=torch.device("cpu"))
-    plain = time.perf_counter() - start
 
-    swept, records = timed_sweep(doc, num_cpus=2)
-    per_trial = plain / args.trials
-    print(f"{args.trials} trials of kd, cnn(channels={args.channels}, depth=2) on digits, {args.epochs} epochs, 1 thread, one at a time")
-    print(f"plain loop: {plain:.1f} s ({per_trial:.1f} s per trial)")
-    print(f"kdarena sweep: {swept:.1f} s, {len(records['trials'])} trials recorded")
-    print(f"ratio (sweep / plain loop): {swept / plain:.3f}")
+    def plain_loop() -> tuple[float, float]:
+        """Wall seconds of the trials as a plain loop, and the seconds spent inside their epochs."""
+        start, in_epochs = time.perf_counter(), 0.0
+        for _ in range(args.trials):
+            trial_cfg = trial_config(sweep, "kd", 0, {}, {})
+            result = fit(build_distiller(trial_cfg, data, teacher.model), data, trial_cfg.train,
+                         device=torch.device("cpu"))
+            in_epochs += sum(e.seconds for e in result.history)
+        return time.perf_counter() - start, in_epochs
 
+    before, before_epochs = plain_loop()
+    swept, records = timed_sweep(doc, address=args.address, num_cpus=None if args.address else 2)
+    swept_epochs = sum(h["metrics"]["epoch_seconds"] for r in records["trials"].values() for h in r["history"])
+    ray.shutdown()  # the plain loop after must not share the machine with an idle Ray
+    after, after_epochs = plain_loop()
+    plain = (before + after) / 2
+    print(f"{args.trials} trials of kd, cnn(channels={args.channels}, depth=2) on digits, {args.epochs} epochs, "
+          "1 thread, one at a time")
+    print(f"plain loop before: {before:.1f} s ({before_epochs:.1f} s in epochs)")
+    print(f"kdarena sweep:     {swept:.1f} s ({swept_epochs:.1f} s in epochs), {len(records['trials'])} trials recorded")
+    print(f"plain loop after:  {after:.1f} s ({after_epochs:.1f} s in epochs)")
+    print(f"ratio (sweep / mean of the plain loops): {swept / plain:.3f}")
+    print(f"sweep seconds beyond its epochs: {swept - swept_epochs:.1f} s; the plain loops': "
+          f"{before - before_epochs:.1f} s, {after - after_epochs:.1f} s")
 
 if __name__ == "__main__":
     main()

@@ -114,7 +114,10 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
             raise UserError(f"Ray cluster at {address} is unreachable ({exc}); start one with `ray start --head` "
                             "or fix --address / RAY_ADDRESS") from None
     try:
-        ray.init(address=address, **kwargs) if address else ray.init(num_cpus=num_cpus, **kwargs)
+        # Ray starts workers at nice 15, so every burst of the driver or Ray's own daemons preempts a trial:
+        # its epochs ran 5-10 % slower than the same loop at nice 0. Here the trials are the work.
+        local = {"num_cpus": num_cpus, "_system_config": {"worker_niceness": 0}}
+        ray.init(address=address, **kwargs) if address else ray.init(**local, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
                 "(or ~/.ray/auth_token)")
