@@ -121,13 +121,10 @@ def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None =
         run_name = f"{cfg.method.name}-{cfg.student.arch}-{cfg.dataset.name}"
         experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={ROLE_TAG: "train"}) as run:
-            try:
+            try:  # any other exception ends the run FAILED in start_run's own exit
                 summary = _train_and_record(cfg, data, distiller, teacher, device, callbacks, source_config)
             except KeyboardInterrupt:
                 mlflow.end_run(status="KILLED")
-                raise
-            except BaseException:
-                mlflow.end_run(status="FAILED")
                 raise
     return {"run_id": run.info.run_id} | summary
 
