@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from kdarena.zoo.data import Augment, BatchLoader, Split, load_dataset
+from kdarena.zoo.augment import CropFlip
+from kdarena.zoo.data import BatchLoader, Split, load_dataset
 from kdarena.zoo.models import build_model
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -87,7 +88,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
     model, opt = fresh()
     tensor_loader = BatchLoader(split, batch_size=args.batch_size, mean=mean, std=std, shuffle=True,
-                                augment=Augment(crop_padding=4, flip=True))
+                                augment=CropFlip(padding=4, flip=True))
     _epoch(list(tensor_loader)[:3], model, opt)  # warm-up: allocator and kernels
     n, secs = _epoch(tensor_loader, *fresh())
     tensor_rate = n / secs

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.nn import functional as F
 
+from kdarena.zoo.augment import Policy
 from kdarena.zoo.models import StagedModel, StageOutput, StageShape
 
 from .space import Dimension
@@ -41,6 +42,8 @@ class StepInfo:
     total_epochs: int
     step: int  # global optimiser step, 0-based
     steps_per_epoch: int
+    indices: torch.Tensor | None = None  # the batch's positions in the training split (`wants_indices`)
+    strong_images: torch.Tensor | None = None  # the batch under the strong policy (`strong_view`)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class PairInfo:
     num_classes: int
     in_channels: int
     input_size: int
+    num_train: int = 0  # images in the training split (a memory bank's size)
 
 
 class Distiller(nn.Module):
@@ -59,6 +63,12 @@ class Distiller(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     space: ClassVar[dict[str, Dimension]] = {}
     needs_teacher: ClassVar[bool] = True
+    # the paper and the code this method follows (file and commit), and any convention factor
+    reference: ClassVar[str] = ""
+    # the engine passes each batch's dataset indices in `StepInfo.indices`
+    wants_indices: ClassVar[bool] = False
+    # a second view of each batch under this policy, in `StepInfo.strong_images` (e.g. `Strong()`)
+    strong_view: ClassVar[Policy | None] = None
 
     def __init__(self, student: StagedModel, teacher: StagedModel | None, params: MethodParams, pair: PairInfo):
         super().__init__()

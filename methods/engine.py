@@ -112,6 +112,7 @@ def train_step(distiller: Distiller, optimizer: torch.optim.Optimizer, images: t
     optimizer.zero_grad(set_to_none=True)
     distiller.backward(losses, step)
     optimizer.step()
+    distiller.student.apply_constraints()
     return logits, losses
 
 
@@ -138,8 +139,8 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         distiller.to(memory_format=torch.channels_last)
 
     train_loader = BatchLoader(data.train, batch_size=recipe.batch_size, mean=data.mean, std=data.std,
-                               device=device, shuffle=True, augment=data.augment, seed=recipe.seed,
-                               channels_last=cuda)
+                               device=device, shuffle=True, augment=recipe.augment or data.augment, seed=recipe.seed,
+                               channels_last=cuda, strong=distiller.strong_view)
     val_loader = eval_loader(data.val, data, device)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(distiller.student_optimizer_parameters(), recipe)
@@ -160,8 +161,10 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
         seen = 0
-        for i, (images, labels) in enumerate(train_loader):
-            step = StepInfo(epoch, recipe.epochs, epoch * steps_per_epoch + i, steps_per_epoch)
+        for i, batch in enumerate(train_loader.batches()):
+            images, labels = batch.images, batch.labels
+            step = StepInfo(epoch, recipe.epochs, epoch * steps_per_epoch + i, steps_per_epoch,
+                            indices=batch.indices if distiller.wants_indices else None, strong_images=batch.strong)
             logits, losses = train_step(distiller, optimizer, images, labels, step)
             scheduler.step()
             for name, value in losses.items():

@@ -1,10 +1,12 @@
-"""How a network is trained: optimiser, schedule, epochs, batch size, seed."""
+"""How a network is trained: optimiser, schedule, epochs, batch size, seed, augmentation."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kdarena.zoo.augment import AugmentPolicy
 
 
 class Recipe(BaseModel):
@@ -23,6 +25,9 @@ class Recipe(BaseModel):
     gamma: float = Field(0.1, gt=0, le=1)
     seed: int = Field(0, ge=0)
     num_threads: int | None = Field(None, gt=0, le=1024, description="CPU threads; default: OMP_NUM_THREADS, else all cores")
+    augment: AugmentPolicy | None = Field(
+        None, description="augmentation policy: none | crop_flip | translate | strong, or a mapping with its options; "
+                          "default: the dataset's own")
     chance_patience: int | None = Field(
         None, gt=0, description="end the run as diverged after this many epochs in a row with val_acc at chance "
                                 "(the majority class's share + 1 point); none: never")

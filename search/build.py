@@ -26,7 +26,7 @@ def make_model(spec: ModelConfig, data: Dataset, seed: int) -> StagedModel:
 def pair_info(student: StagedModel, teacher: StagedModel, data: Dataset) -> PairInfo:
     return PairInfo(stage_shapes(student, data.in_channels, data.input_size),
                     stage_shapes(teacher, data.in_channels, data.input_size),
-                    data.num_classes, data.in_channels, data.input_size)
+                    data.num_classes, data.in_channels, data.input_size, len(data.train))
 
 
 def build_distiller(cfg: TrainConfig, data: Dataset, teacher: StagedModel | None) -> Distiller:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from kdarena.zoo.data import Augment, BatchLoader, load_dataset, random_crop, random_flip
+from kdarena.zoo.augment import CropFlip, random_crop, random_flip
+from kdarena.zoo.data import BatchLoader, load_dataset
 
 
 def _ids(split) -> set[bytes]:
@@ -49,13 +50,28 @@ def test_loader_normalises_with_train_statistics(digits):
 
 def test_random_crop_shifts_each_image_by_its_own_offset():
     gen = torch.Generator().manual_seed(0)
-    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
-    out = random_crop(x, 2, gen)
+    n, size, pad = 64, 6, 2
+    x = torch.arange(n * size * size, dtype=torch.float32).view(n, 1, size, size) + 1
+    out = random_crop(x, pad, gen)
     assert out.shape == x.shape
+    offsets = set()
     for img, src in zip(out, x):
-        nonzero = img[img != 0]
-        # every visible pixel comes from the source image, in order along rows
-        assert set(nonzero.tolist()) <= set(src.flatten().tolist())
+        # the crop is the source shifted by one (dy, dx) in [-pad, pad]², zeros where it left the frame
+        matches = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)
+                   if torch.equal(img, _shifted(src, dy, dx))]
+        assert len(matches) == 1, "each crop is exactly one shift of its own image"
+        offsets.add(matches[0])
+    assert (0, 0) in offsets or len(offsets) > 1
+    assert len(offsets) >= 15, "64 images draw most of the 25 possible shifts, each its own"
+
+
+def _shifted(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`img` moved down by dy and right by dx, zero fill."""
+    out = torch.zeros_like(img)
+    h, w = img.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = img[..., max(-dy, 0):h - max(dy, 0),
+                                                                          max(-dx, 0):w - max(dx, 0)]
+    return out
 
 
 def test_random_flip_mirrors_about_half():
@@ -68,7 +84,8 @@ def test_random_flip_mirrors_about_half():
 
 
 def test_natural_image_augmentation_changes_batches_but_not_eval(digits):
-    aug = BatchLoader(digits.train, batch_size=32, mean=digits.mean, std=digits.std, augment=Augment(2, True), seed=1)
+    aug = BatchLoader(digits.train, batch_size=32, mean=digits.mean, std=digits.std, augment=CropFlip(padding=2, flip=True),
+                      seed=1)
     plain = BatchLoader(digits.train, batch_size=32, mean=digits.mean, std=digits.std)
     xa, ya = next(iter(aug))
     xp, yp = next(iter(plain))

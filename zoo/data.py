@@ -3,9 +3,15 @@
 Every dataset becomes train / val / test `Split`s of uint8 images (N×C×H×W)
 and int64 labels. The validation split is carved from train with a fixed
 seed; the test split is never used for selection. `BatchLoader` moves a
-split to the device once and does normalisation and augmentation (random
-crop with zero padding, horizontal flip) as batched tensor ops, so no
-per-sample Python runs in the training loop.
+split to the device once and does normalisation and augmentation (the
+policies of `augment.py`) as batched tensor ops, so no per-sample Python
+runs in the training loop.
+
+A dataset is identified by its content, not its name: `fingerprint` is the
+sha256 of its images, labels and class names (train and test), so two image
+folders with the same layout are two datasets, and a file added, removed or
+replaced gives a new one. `label` is the name people read (the folder's name
+for `imagefolder`, the dataset's name otherwise, or `dataset.label`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
+from .augment import CropFlip, NoAugment, Policy
 from .errors import UserError
 
 
@@ -35,12 +41,6 @@ class Split:
         return int(self.labels.shape[0])
 
 
-@dataclass(frozen=True)
-class Augment:
-    crop_padding: int = 0  # random crop back to size after zero-padding each side
-    flip: bool = False  # random horizontal flip
-
-
 @dataclass
 class Dataset:
     name: str
@@ -48,10 +48,12 @@ class Dataset:
     val: Split
     test: Split
     num_classes: int
-    augment: Augment = field(default_factory=Augment)
+    augment: Policy = field(default_factory=NoAugment)  # the dataset's default policy
     # per-channel statistics of the training split, in [0, 1] pixel units
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    fingerprint: str = ""  # sha256 of the content (train and test images, labels, class names)
+    label: str = ""  # the name shown for it
 
     @property
     def in_channels(self) -> int:
@@ -66,7 +68,29 @@ def default_root() -> Path:
     return Path.home() / ".cache" / "kdarena" / "data"
 
 
-def _digits(root: Path, download: bool) -> tuple[Split, Split, int, Augment]:
+@dataclass
+class _Loaded:
+    """What a loader gives: the full training split, the test split, and what names and identifies them."""
+
+    train: Split
+    test: Split
+    classes: list[str]
+    augment: Policy
+    label: str
+    fingerprint: str | None = None  # None: computed from the tensors
+
+
+def content_fingerprint(train: Split, test: Split, classes: list[str]) -> str:
+    """sha256 of a dataset's content: class names, then each split's shape, images and labels."""
+    digest = hashlib.sha256("\n".join(classes).encode())
+    for split in (train, test):
+        digest.update(repr(tuple(split.images.shape)).encode())
+        for t in (split.images, split.labels):
+            digest.update(memoryview(t.contiguous().numpy()).cast("B"))
+    return digest.hexdigest()
+
+
+def _digits(root: Path, download: bool) -> _Loaded:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -77,7 +101,12 @@ def _digits(root: Path, download: bool) -> tuple[Split, Split, int, Augment]:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(20150309))
     n_test = len(labels) // 5
     test, train = order[:n_test], order[n_test:]
-    return Split(images[train], labels[train]), Split(images[test], labels[test]), 10, Augment()
+    return _Loaded(Split(images[train], labels[train]), Split(images[test], labels[test]), _numbered(10), NoAugment(),
+                   "digits")
+
+
+def _numbered(n: int) -> list[str]:
+    return [str(i) for i in range(n)]
 
 
 _TORCHVISION_FILES = {
@@ -92,7 +121,7 @@ _TORCHVISION_FILES = {
 _DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split, int, Augment]:
+def _torchvision(name: str, root: Path, download: bool) -> _Loaded:
     from torchvision import datasets as tvd
 
     if name == "fashion-mnist" and _DEBIAN_FASHION.is_dir():
@@ -135,13 +164,14 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split, i
         splits.append(Split(images.to(torch.uint8), labels))
     natural = name in ("cifar10", "cifar100", "svhn")
     # SVHN's digits must not be mirrored
-    augment = Augment(crop_padding=4 if natural else 0, flip=name in ("cifar10", "cifar100"))
-    num_classes = {"cifar100": 100}.get(name, 10)
-    return splits[0], splits[1], num_classes, augment
+    augment = CropFlip(padding=4, flip=name != "svhn") if natural else NoAugment()
+    classes = list(getattr(parts[0], "classes", None) or _numbered({"cifar100": 100}.get(name, 10)))
+    return _Loaded(splits[0], splits[1], classes, augment, name)
 
 
-def _imagefolder(root: Path, download: bool) -> tuple[Split, Split, int, Augment]:
+def _imagefolder(root: Path, download: bool) -> _Loaded:
     """Any `train/<class>/*` + `test/<class>/*` tree, or a .tar/.tar.gz of one."""
+    label = root.resolve().name.split(".")[0] if root.is_file() else root.resolve().name
     if root.is_file() and tarfile.is_tarfile(root):
         root = _extract(root)
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
@@ -153,11 +183,13 @@ def _imagefolder(root: Path, download: bool) -> tuple[Split, Split, int, Augment
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"dataset 'imagefolder': no class folders in {root / 'train'}")
-    train = _decode_tree(root / "train", classes)
-    test = _decode_tree(root / "test", classes)
+    train, train_sha = _decode_tree(root / "train", classes)
+    test, test_sha = _decode_tree(root / "test", classes)
     if train.images.shape[1:] != test.images.shape[1:]:
         raise UserError(f"dataset 'imagefolder': train images are {tuple(train.images.shape[1:])} but test images are {tuple(test.images.shape[1:])}")
-    return train, test, len(classes), Augment(crop_padding=max(1, train.images.shape[2] // 8), flip=True)
+    fingerprint = hashlib.sha256("\n".join(["imagefolder", *classes, train_sha, test_sha]).encode()).hexdigest()
+    return _Loaded(train, test, classes, CropFlip(padding=max(1, train.images.shape[2] // 8), flip=True), label,
+                   fingerprint)
 
 
 def _extract(archive: Path) -> Path:
@@ -204,21 +236,31 @@ def _inside_only(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
-def _decode_tree(folder: Path, classes: list[str]) -> Split:
+def _decode_tree(folder: Path, classes: list[str]) -> tuple[Split, str]:
+    """The images under `folder/<class>/`, decoded, and the sha256 of what they decode to.
+
+    Decoding is cached beside the images, keyed by every file's name, size
+    and modification time, so an unchanged tree is read back in one load and
+    any file added, removed or rewritten (even at the same size) decodes
+    again. The content hash is of the decoded pixels and labels: the same
+    images elsewhere, or copied with new times, are the same data.
+    """
     from torchvision.io import ImageReadMode, decode_image
 
     cache = folder / ".kdarena-decoded.pt"
     files = [(c, p) for c, name in enumerate(classes) for p in sorted((folder / name).iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
     if not files:
         raise UserError(f"dataset 'imagefolder': no .jpg/.png images under {folder}")
-    key = hashlib.sha256("\n".join(f"{c}:{p.name}:{p.stat().st_size}" for c, p in files).encode()).hexdigest()
+    stats = [(c, p.name, p.stat()) for c, p in files]
+    key = hashlib.sha256("\n".join(f"{c}:{n}:{st.st_size}:{st.st_mtime_ns}" for c, n, st in stats).encode()).hexdigest()
     if cache.exists():
         try:  # tensors only: a cache file swapped for a crafted pickle is refused here and decoded again below
             saved = torch.load(cache, weights_only=True)
         except Exception:  # noqa: BLE001 - any unreadable cache is just stale
             saved = None
-        if isinstance(saved, dict) and saved.get("key") == key and _is_split(saved.get("images"), saved.get("labels"), len(files)):
-            return Split(saved["images"], saved["labels"])
+        if (isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("sha256"), str)
+                and _is_split(saved.get("images"), saved.get("labels"), len(files))):
+            return Split(saved["images"], saved["labels"]), saved["sha256"]
     first = decode_image(str(files[0][1]), mode=ImageReadMode.RGB)
     images = torch.empty((len(files), *first.shape), dtype=torch.uint8)
     for i, (_, path) in enumerate(files):
@@ -227,13 +269,15 @@ def _decode_tree(folder: Path, classes: list[str]) -> Split:
             raise UserError(f"dataset 'imagefolder': {path} is {tuple(img.shape)}, expected {tuple(first.shape)} like the others; resize the tree to one size")
         images[i] = img
     labels = torch.tensor([c for c, _ in files], dtype=torch.int64)
+    split = Split(images, labels)
+    sha = content_fingerprint(split, Split(images[:0], labels[:0]), [])
     try:
         tmp = cache.with_suffix(".partial")
-        torch.save({"key": key, "images": images, "labels": labels}, tmp)
+        torch.save({"key": key, "images": images, "labels": labels, "sha256": sha}, tmp)
         tmp.replace(cache)
     except OSError:
         pass  # a read-only tree decodes again next time; nothing is lost
-    return Split(images, labels)
+    return split, sha
 
 
 def _is_split(images, labels, n: int) -> bool:
@@ -254,8 +298,8 @@ DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
 
 def load_dataset(name: str, *, root: str | Path | None = None, val_fraction: float = 0.1,
-                 split_seed: int = 0, download: bool = True) -> Dataset:
-    """Load a dataset by name with a seeded validation split carved from train."""
+                 split_seed: int = 0, download: bool = True, label: str | None = None) -> Dataset:
+    """Load a dataset by name with a seeded validation split carved from train, identified by its content."""
     if name not in _LOADERS:
         raise UserError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
     if not 0.0 < val_fraction < 1.0:
@@ -263,7 +307,9 @@ def load_dataset(name: str, *, root: str | Path | None = None, val_fraction: flo
     if name == "imagefolder" and root is None:
         raise UserError("dataset 'imagefolder' needs dataset.root: a folder with train/ and test/ (or a .tar.gz of one)")
     root_path = Path(root).expanduser() if root is not None else default_root()
-    full_train, test, num_classes, augment = _LOADERS[name](root_path, download)
+    loaded = _LOADERS[name](root_path, download)
+    full_train, test = loaded.train, loaded.test
+    fingerprint = loaded.fingerprint or content_fingerprint(full_train, test, loaded.classes)
     order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(split_seed))
     n_val = max(1, math.floor(len(full_train) * val_fraction))
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
@@ -272,7 +318,16 @@ def load_dataset(name: str, *, root: str | Path | None = None, val_fraction: flo
     pixels = train.images.to(torch.float64) / 255.0
     mean = pixels.mean(dim=(0, 2, 3))
     std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return Dataset(name, train, val, test, num_classes, augment, tuple(mean.tolist()), tuple(std.tolist()))
+    return Dataset(name, train, val, test, len(loaded.classes), loaded.augment, tuple(mean.tolist()),
+                   tuple(std.tolist()), fingerprint, label or loaded.label)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # normalised, the recipe's augmentation applied
+    labels: torch.Tensor
+    indices: torch.Tensor  # each image's position in its split (CRD's memory bank is keyed by it)
+    strong: torch.Tensor | None = None  # the same images under the strong view's policy, when one is asked for
 
 
 class BatchLoader:
@@ -280,18 +335,21 @@ class BatchLoader:
 
     The split is copied to the device once as uint8. The order and the
     augmentation of epoch `e` depend only on (`seed`, `e`), so a run resumed
-    at epoch `e` sees exactly the batches an uninterrupted run would.
+    at epoch `e` sees exactly the batches an uninterrupted run would. A
+    second, `strong` view draws from its own generator, so asking for it
+    leaves the first view's batches unchanged.
     """
 
     def __init__(self, split: Split, *, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device | str = "cpu", shuffle: bool = False, augment: Augment | None = None,
-                 seed: int = 0, channels_last: bool = False):
+                 device: torch.device | str = "cpu", shuffle: bool = False, augment: Policy | None = None,
+                 seed: int = 0, channels_last: bool = False, strong: Policy | None = None):
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.augment = augment or Augment()
+        self.augment = augment or NoAugment()
+        self.strong = strong
         self.seed = seed
         self.channels_last = channels_last
         c = self.images.shape[1]
@@ -306,38 +364,23 @@ class BatchLoader:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.batches():
+            yield batch.images, batch.labels
+
+    def batches(self) -> Iterator[Batch]:
         n = len(self.labels)
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=gen, device=self.device) if self.shuffle else None
+        strong_gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch + 2**40)
+        if self.shuffle:
+            order = torch.randperm(n, generator=gen, device=self.device)
+        else:
+            order = torch.arange(n, device=self.device)
         for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-            x = self.images[idx].to(torch.float32).div_(255.0)
-            if self.augment.crop_padding:
-                x = random_crop(x, self.augment.crop_padding, gen)
-            if self.augment.flip:
-                x = random_flip(x, gen)
-            x = (x - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            idx = order[start:start + self.batch_size]
+            raw = self.images[idx].to(torch.float32).div_(255.0)
+            strong = self._finish(self.strong.apply(raw, strong_gen)) if self.strong is not None else None
+            yield Batch(self._finish(self.augment.apply(raw, gen)), self.labels[idx], idx, strong)
 
-
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image zero-padded by `padding` and cropped back at its own random offset.
-
-    Two gathers (rows, then columns) instead of one 4-D fancy index: the
-    same pixels, about twice as fast on CPU.
-    """
-    b, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b, 1), generator=gen, device=x.device)
-    ox = torch.randint(0, 2 * padding + 1, (b, 1), generator=gen, device=x.device)
-    rows = (torch.arange(h, device=x.device) + oy).view(b, 1, h, 1).expand(b, c, h, w + 2 * padding)
-    cols = (torch.arange(w, device=x.device) + ox).view(b, 1, 1, w).expand(b, c, h, w)
-    return padded.gather(2, rows).gather(3, cols)
-
-
-def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Each image mirrored left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

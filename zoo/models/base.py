@@ -36,6 +36,9 @@ class StagedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x).logits
 
+    def apply_constraints(self) -> None:
+        """Projected back onto the model's weight constraints (e.g. max-norm) after each optimiser step."""
+
 
 @dataclass(frozen=True)
 class StageShape:
