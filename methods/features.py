@@ -48,3 +48,12 @@ def pool_to_match(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def needs_spatial(shapes: list[StageShape]) -> bool:
     return any(s.spatial for s in shapes)
+
+
+def promote(t: torch.Tensor) -> torch.Tensor:
+    """`t` in at least float32: half and bfloat16 are lifted, float32 and float64 stay as they are.
+
+    Losses compute in this precision so that bf16 activations under autocast
+    are not summed in bf16, and float64 inputs (gradcheck) are never demoted.
+    """
+    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
