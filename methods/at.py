@@ -28,13 +28,13 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import needs_spatial, paired_stages, pool_to_match
+from .features import needs_spatial, paired_stages, pool_to_match, promote
 from .space import Choice, FloatRange
 
 
 def attention_map(f: torch.Tensor, p: int) -> torch.Tensor:
     """Q(F): B×(H·W), each row of unit L2 norm."""
-    return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1)
+    return F.normalize(promote(f).abs().pow(p).mean(1).flatten(1), dim=1)
 
 
 def at_loss(student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor], p: int) -> torch.Tensor:

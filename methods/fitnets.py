@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from kdarena.zoo.models import StageShape
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import pool_to_match, resolve_stage
+from .features import pool_to_match, promote, resolve_stage
 from .kd import kd_loss
 from .space import Choice, FloatRange
 
@@ -117,7 +117,8 @@ class FitNets(Distiller):
             pred, target = pool_to_match(self.regressor(guided), hint)
         else:
             pred, target = self.regressor(guided.flatten(1)), hint.flatten(1)
-        return 0.5 * F.mse_loss(pred.float(), target.float())
+        dtype = torch.promote_types(promote(pred).dtype, promote(target).dtype)
+        return 0.5 * F.mse_loss(pred.to(dtype), target.to(dtype))
 
     def classifier_free_epochs(self, total_epochs: int) -> int:
         p: FitNetsParams = self.params

@@ -43,7 +43,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import paired_stages, pool_to_match
+from .features import paired_stages, pool_to_match, promote
 from .space import Choice, FloatRange
 
 
@@ -115,9 +115,9 @@ class FSP(Distiller):
     def fsp_loss(self, student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor]) -> torch.Tensor:
         """`L_FSP = mean_b Σ_k w_k ‖G_t^k − G_s^k‖²` (entries summed) over the distilled stages."""
         with full_precision(student_maps[0].device):
-            s = [a(student_maps[i].float()) for a, (i, _) in zip(self.adapters, self.pairs)]
-            t = [teacher_maps[j].float() for _, j in self.pairs]
-            total = student_maps[0].new_zeros((), dtype=torch.float32)
+            s = [a(promote(student_maps[i])) for a, (i, _) in zip(self.adapters, self.pairs)]
+            t = [promote(teacher_maps[j]) for _, j in self.pairs]
+            total = s[0].new_zeros(())
             for k in range(len(self.pairs) - 1):
                 diff = fsp_matrix(t[k], t[k + 1]) - fsp_matrix(s[k], s[k + 1])
                 total = total + self.pair_weight[k] * diff.pow(2).sum(dim=(1, 2)).mean()

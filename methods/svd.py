@@ -64,7 +64,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import paired_stages, pool_to_match
+from .features import paired_stages, pool_to_match, promote
 from .fsp import channel_adapters, full_precision, stage_one_epochs
 from .space import Choice, FloatRange
 
@@ -145,6 +145,7 @@ def rbf(a: torch.Tensor, b: torch.Tensor, width: float) -> torch.Tensor:
 def svd_loss(student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor], k: int, width: float) -> torch.Tensor:
     """`L_SVD` of matched lists of B×C×H×W maps (equal channels per stage; H×W pooled to match)."""
     d_s, d_t = [], []
+    dtype = promote(student_maps[0]).dtype  # the SVD runs in float64; the loss in the inputs' precision, at least float32
     for fs, ft in zip(student_maps, teacher_maps):
         fs, ft = pool_to_match(fs, ft)
         xs = fs.double().flatten(2).mT  # B×HW×C
@@ -155,9 +156,9 @@ def svd_loss(student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor],
             sigma = _unit(s_t[..., :k], dim=-1).unsqueeze(1)  # B×1×k
         _, v_s = GuardedSVD.apply(xs)
         v_s = _unit(v_s[..., :min(k + CANDIDATES_EXTRA, v_s.shape[-1])], dim=1)
-        d_t.append((sigma * v_t).float())
-        d_s.append((sigma * align(v_s, v_t)).float())
-    total = student_maps[0].new_zeros((), dtype=torch.float32)
+        d_t.append((sigma * v_t).to(dtype))
+        d_s.append((sigma * align(v_s, v_t)).to(dtype))
+    total = student_maps[0].new_zeros((), dtype=dtype)
     for l in range(len(d_s) - 1):
         diff = rbf(d_s[l], d_s[l + 1], width) - rbf(d_t[l], d_t[l + 1], width)
         sq = torch.nan_to_num(diff.pow(2), nan=0.0, posinf=0.0, neginf=0.0)
@@ -206,8 +207,8 @@ class SVD(Distiller):
 
     def distill_loss(self, student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor]) -> torch.Tensor:
         with full_precision(student_maps[0].device):
-            s = [a(student_maps[i].float()) for a, (i, _) in zip(self.adapters, self.pairs)]
-            t = [teacher_maps[j].float() for _, j in self.pairs]
+            s = [a(promote(student_maps[i])) for a, (i, _) in zip(self.adapters, self.pairs)]
+            t = [promote(teacher_maps[j]) for _, j in self.pairs]
             return svd_loss(s, t, self.k, self.params.kernel_width)
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo):
