@@ -11,9 +11,11 @@ from .adversarial import Adversarial
 from .at import AT
 from .base import Distiller, MethodParams, PairInfo, StepInfo
 from .baseline import Baseline
+from .dkd import DKD
 from .fitnets import FitNets
 from .fsp import FSP
 from .kd import KD
+from .rkd import RKD
 from .svd import SVD
 from .wasserstein import Wasserstein
 
@@ -26,6 +28,8 @@ METHODS: dict[str, type[Distiller]] = {
     "adversarial": Adversarial,
     "wasserstein": Wasserstein,
     "at": AT,
+    "dkd": DKD,
+    "rkd": RKD,
 }
 
 
