@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from kdarena.zoo.errors import UserError
 
+from .ab import AB
 from .adversarial import Adversarial
 from .at import AT
 from .base import Distiller, MethodParams, PairInfo, StepInfo
@@ -15,6 +16,7 @@ from .dkd import DKD
 from .fitnets import FitNets
 from .fsp import FSP
 from .kd import KD
+from .pkt import PKT
 from .rkd import RKD
 from .svd import SVD
 from .wasserstein import Wasserstein
@@ -30,6 +32,8 @@ METHODS: dict[str, type[Distiller]] = {
     "at": AT,
     "dkd": DKD,
     "rkd": RKD,
+    "pkt": PKT,
+    "ab": AB,
 }
 
 
