@@ -18,6 +18,7 @@ from .fsp import FSP
 from .kd import KD
 from .pkt import PKT
 from .rkd import RKD
+from .sp import SP
 from .svd import SVD
 from .wasserstein import Wasserstein
 
@@ -33,6 +34,7 @@ METHODS: dict[str, type[Distiller]] = {
     "dkd": DKD,
     "rkd": RKD,
     "pkt": PKT,
+    "sp": SP,
     "ab": AB,
 }
 
