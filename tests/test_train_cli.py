@@ -178,6 +178,6 @@ def test_models_and_methods_listings():
     assert by_name["resnet20"]["params"] == pytest.approx(278_324, rel=0.02)
     methods = json.loads(CliRunner().invoke(app, ["methods", "--json"]).stdout)
     kd = next(m for m in methods if m["name"] == "kd")
-    assert kd["defaults"] == {"temperature": 4.0, "alpha": 0.9}
+    assert kd["defaults"] == {"temperature": 4.0, "alpha": 0.9, "logit_std": False}
     assert kd["space"]["temperature"] == {"type": "float", "low": 1.0, "high": 20.0, "log": True}
     assert "lr" in kd["space"] and "weight_decay" in kd["space"]
