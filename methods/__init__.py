@@ -12,6 +12,7 @@ from .adversarial import Adversarial
 from .at import AT
 from .base import Distiller, MethodParams, PairInfo, StepInfo
 from .baseline import Baseline
+from .cc import CC
 from .dkd import DKD
 from .fitnets import FitNets
 from .fsp import FSP
@@ -35,6 +36,7 @@ METHODS: dict[str, type[Distiller]] = {
     "rkd": RKD,
     "pkt": PKT,
     "sp": SP,
+    "cc": CC,
     "ab": AB,
 }
 
