@@ -16,6 +16,7 @@ from .cc import CC
 from .dkd import DKD
 from .fitnets import FitNets
 from .fsp import FSP
+from .ft import FT
 from .kd import KD
 from .pkt import PKT
 from .rkd import RKD
@@ -38,6 +39,7 @@ METHODS: dict[str, type[Distiller]] = {
     "sp": SP,
     "cc": CC,
     "ab": AB,
+    "ft": FT,
 }
 
 
