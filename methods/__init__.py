@@ -13,11 +13,13 @@ from .at import AT
 from .base import Distiller, MethodParams, PairInfo, StepInfo
 from .baseline import Baseline
 from .cc import CC
+from .dist import DIST
 from .dkd import DKD
 from .fitnets import FitNets
 from .fsp import FSP
 from .ft import FT
 from .kd import KD
+from .nst import NST
 from .pkt import PKT
 from .rkd import RKD
 from .sp import SP
@@ -34,10 +36,12 @@ METHODS: dict[str, type[Distiller]] = {
     "wasserstein": Wasserstein,
     "at": AT,
     "dkd": DKD,
+    "dist": DIST,
     "rkd": RKD,
     "pkt": PKT,
     "sp": SP,
     "cc": CC,
+    "nst": NST,
     "ab": AB,
     "ft": FT,
 }
