@@ -19,6 +19,7 @@ from .fitnets import FitNets
 from .fsp import FSP
 from .ft import FT
 from .kd import KD
+from .ofd import OFD
 from .nst import NST
 from .pkt import PKT
 from .rkd import RKD
@@ -44,6 +45,7 @@ METHODS: dict[str, type[Distiller]] = {
     "nst": NST,
     "ab": AB,
     "ft": FT,
+    "ofd": OFD,
 }
 
 
