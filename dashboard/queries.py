@@ -9,6 +9,10 @@ nothing writes to it.
   pass; no per-run requests).
 - `leaderboard`: finished full-budget runs grouped by (dataset, teacher,
   student, method); mean ± std test accuracy over seeds; Pareto marks.
+  A dataset is its content fingerprint, shown by its label: two datasets
+  with one label are shown apart (`label · 1a2b3c4d`), runs recorded before
+  kdarena fingerprinted data are of unknown identity and never merged with
+  fingerprinted ones.
 - `reference_rows`: the published results of `kdarena.leaderboards`, in the
   leaderboard's columns, flagged as reported (not reproduced).
 - `sweeps`, `sweep_trials`, `run_detail`: the Sweeps and Run pages.
@@ -28,6 +32,8 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from kdarena.training.record import Param, Tag
+
 from .pareto import pareto_mask
 
 QUICKSTART_COMMAND = "kdarena sweep --preset quickstart"
@@ -37,7 +43,8 @@ STATUSES = ("completed", "early-stopped", "diverged", "failed")
 COSTS = {"macs": "macs", "params": "params", "latency": "latency_ms", "latency_ms": "latency_ms"}
 PAGE_SIZE = 10_000
 
-RUN_COLUMNS = ["run_id", "experiment", "role", "sweep", "parent_run_id", "dataset", "teacher", "student", "student_arch",
+RUN_COLUMNS = ["run_id", "experiment", "role", "sweep", "parent_run_id", "dataset", "dataset_label",
+               "dataset_fingerprint", "teacher", "student", "student_arch",
                "method", "status", "reason", "test_acc", "val_acc", "params", "macs", "flops", "latency_ms",
                "extra_params", "epochs_completed", "seed", "start_time", "hparams",
                # beyond the brief: the Optuna point under its own names (kd/temperature), the record key of a
@@ -45,8 +52,9 @@ RUN_COLUMNS = ["run_id", "experiment", "role", "sweep", "parent_run_id", "datase
                "searched", "trial_key", "config_key", "run_name"]
 LEADERBOARD_COLUMNS = ["rank", "dataset", "teacher", "student", "method", "test_acc_mean", "test_acc_std", "n_seeds",
                        "params", "macs", "latency_ms", "key_hparams", "source", "run_id", "pareto",
-                       # beyond the brief
-                       "flops", "student_arch", "sweep", "experiment", "run_ids", "reported"]
+                       "flops", "student_arch", "sweep", "experiment", "run_ids", "reported",
+                       # the dataset's identity: `dataset` is its label, made unique with a short fingerprint
+                       "dataset_label", "dataset_fingerprint"]
 REFERENCE_EXTRA = ["variant", "test_errors", "test_size", "note", "table", "citation"]
 SWEEP_COLUMNS = ["name", "dataset", "teacher", "trials", "completed", "early_stopped", "diverged", "failed",
                  "running", "final_runs", "methods", "experiment", "parent_run_id", "start_time"]
@@ -129,7 +137,10 @@ class _Runs:
         c["role"].append(tags.get("kdarena.role"))
         c["sweep"].append(tags.get("kdarena.sweep"))
         c["parent_run_id"].append(tags.get("mlflow.parentRunId"))
-        c["dataset"].append(tags.get("kdarena.dataset") or params.get("dataset.name"))
+        name = tags.get(Tag.DATASET) or params.get(Param.DATASET_NAME)
+        c["dataset"].append(name)
+        c["dataset_label"].append(tags.get(Tag.DATASET_LABEL) or name)
+        c["dataset_fingerprint"].append(tags.get(Tag.DATASET_FINGERPRINT))
         c["teacher"].append(tags.get("kdarena.teacher_label", ""))
         c["student"].append(tags.get("kdarena.student_label") or tags.get("kdarena.student"))
         c["student_arch"].append(tags.get("kdarena.student"))
@@ -151,6 +162,8 @@ class _Runs:
             return empty_runs()
         df = pd.DataFrame(self.cols)
         df["start_time"] = pd.to_datetime(df["start_time"], unit="ms", utc=True)
+        df["dataset"] = dataset_names(df)
+        df["dataset_label"] = df["dataset_label"].fillna(df["dataset"])
         return df
 
 
@@ -270,6 +283,28 @@ def _load_runs_sqlite(db: Path, experiment_names: list[str] | None) -> pd.DataFr
     return out.frame()
 
 
+def dataset_names(runs: pd.DataFrame) -> pd.Series:
+    """The name each run's dataset is shown by: one name per dataset identity, never one name for two.
+
+    The identity is the content fingerprint; a run without one (recorded
+    before kdarena fingerprinted data) is of unknown identity, one per label.
+    An identity is named by its latest run's label; a label that names one
+    identity is the name, a label shared by several is followed by the
+    fingerprint's first 8 characters (`unknown data` for the runs of unknown
+    identity), so they rank apart.
+    """
+    if runs.empty:
+        return pd.Series([], index=runs.index, dtype="object")
+    given = runs["dataset_label"].fillna(runs["dataset"]).fillna("").astype(str)
+    identity = runs["dataset_fingerprint"].where(runs["dataset_fingerprint"].notna(), "unknown:" + given)
+    latest = given.groupby(identity).agg(lambda labels: labels.loc[runs.loc[labels.index, "start_time"].idxmax()])
+    labels = identity.map(latest)
+    shared = identity.groupby(labels).nunique()
+    shared_labels = set(shared[shared > 1].index)
+    short = runs["dataset_fingerprint"].fillna("").astype(str).str[:8].replace("", "unknown data")
+    return labels.where(~labels.isin(shared_labels), labels + " · " + short)
+
+
 # -- the leaderboard ------------------------------------------------------------------------------------------
 def _as_set(value: str | Iterable[str] | None) -> set[str] | None:
     if value is None:
@@ -283,6 +318,16 @@ def _filter(df: pd.DataFrame, **filters: str | Iterable[str] | None) -> pd.DataF
         if wanted is not None:
             df = df[df[column].isin(wanted)]
     return df
+
+
+def _dataset_filter(df: pd.DataFrame, dataset: str | Iterable[str] | None) -> pd.DataFrame:
+    """Runs of the named datasets: by the name shown, the label (every dataset that carries it) or a fingerprint prefix."""
+    wanted = _as_set(dataset)
+    if wanted is None or df.empty:
+        return df
+    prefixes = tuple(w for w in wanted if len(w) >= 6)
+    by_fingerprint = df["dataset_fingerprint"].fillna("").astype(str).str.startswith(prefixes) if prefixes else False
+    return df[df["dataset"].isin(wanted) | df["dataset_label"].isin(wanted) | by_fingerprint]
 
 
 def cost_column(by: str) -> str:
@@ -353,7 +398,8 @@ def _row(key: tuple[str, str, str, str], runs: pd.DataFrame, source: str) -> dic
             "pareto": False,
             "flops": runs["flops"].dropna().iloc[0] if runs["flops"].notna().any() else math.nan,
             "student_arch": first["student_arch"], "sweep": first["sweep"], "experiment": first["experiment"],
-            "run_ids": runs["run_id"].tolist(), "reported": False}
+            "run_ids": runs["run_id"].tolist(), "reported": False, "dataset_label": first["dataset_label"],
+            "dataset_fingerprint": first["dataset_fingerprint"]}
 
 
 def empty_leaderboard() -> pd.DataFrame:
@@ -378,7 +424,7 @@ def leaderboard(runs: pd.DataFrame, *, dataset: str | Iterable[str] | None = Non
     `rank` counts within the dataset.
     """
     cost = cost_column(by)
-    df = _filter(finished(runs), dataset=dataset, teacher=teacher, method=method, student=student)
+    df = _filter(_dataset_filter(finished(runs), dataset), teacher=teacher, method=method, student=student)
     if df.empty:
         return empty_leaderboard()
     keys = ["dataset", "teacher", "student", "method"]
@@ -433,18 +479,24 @@ def reference_rows(dataset: str | None = None, teacher: str | Iterable[str] | No
                      "n_seeds": math.nan, "params": r["params"], "macs": r["macs"], "latency_ms": math.nan,
                      "key_hparams": r["key_hparams"], "source": REPORTED + r["source"], "run_id": None,
                      "pareto": False, "flops": r["flops"], "student_arch": None, "sweep": None, "experiment": None,
-                     "run_ids": [], "reported": True, "variant": r["variant"], "test_errors": r["test_errors"],
+                     "run_ids": [], "reported": True, "dataset_label": r["dataset"], "dataset_fingerprint": None,
+                     "variant": r["variant"], "test_errors": r["test_errors"],
                      "test_size": r["test_size"], "note": r["note"], "table": r["table"], "citation": r["source"]})
     return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS + REFERENCE_EXTRA)
 
 
 def with_references(board: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
-    """Our rows, then the reference rows of the same dataset, dataset by dataset (for tables and exports)."""
-    datasets = list(dict.fromkeys(board["dataset"].tolist() + references["dataset"].tolist()))
+    """Our rows, then the reference rows of the same dataset label, label by label (for tables and exports)."""
+    labels = list(dict.fromkeys(board["dataset_label"].tolist() + references["dataset"].tolist()))
     parts = []
-    for ds in datasets:
-        parts.append(board[board["dataset"] == ds])
-        parts.append(references[references["dataset"] == ds])
+    for label in labels:
+        ours = board[board["dataset_label"] == label]
+        parts.append(ours)
+        refs = references[references["dataset"] == label]
+        shown = ours["dataset"].unique()
+        if len(shown) == 1:  # one dataset of ours carries the label: its published results join its table
+            refs = refs.assign(dataset=shown[0])
+        parts.append(refs)
     parts = [p for p in parts if not p.empty]
     if not parts:
         return pd.DataFrame(columns=LEADERBOARD_COLUMNS + REFERENCE_EXTRA)

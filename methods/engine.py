@@ -139,7 +139,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         distiller.to(memory_format=torch.channels_last)
 
     train_loader = BatchLoader(data.train, batch_size=recipe.batch_size, mean=data.mean, std=data.std,
-                               device=device, shuffle=True, augment=recipe.augment or data.augment, seed=recipe.seed,
+                               device=device, shuffle=True, augment=recipe.augment_for(data), seed=recipe.seed,
                                channels_last=cuda, strong=distiller.strong_view)
     val_loader = eval_loader(data.val, data, device)
     steps_per_epoch = len(train_loader)

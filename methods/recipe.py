@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdarena.zoo.augment import AugmentPolicy
+from kdarena.zoo.augment import AugmentPolicy, Policy
+from kdarena.zoo.data import Dataset
 
 
 class Recipe(BaseModel):
@@ -31,6 +32,10 @@ class Recipe(BaseModel):
     chance_patience: int | None = Field(
         None, gt=0, description="end the run as diverged after this many epochs in a row with val_acc at chance "
                                 "(the majority class's share + 1 point); none: never")
+
+    def augment_for(self, data: Dataset) -> Policy:
+        """The policy this recipe trains with on `data`: its own, else the dataset's default."""
+        return self.augment or data.augment
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -208,12 +208,13 @@ LEADERBOARD_FORMATS = ("table", "markdown", "csv", "json")
 # the columns `--format csv|json` write, ours and the reported rows alike
 LEADERBOARD_FIELDS = ["rank", "dataset", "teacher", "student", "method", "test_acc_mean", "test_acc_std", "n_seeds",
                       "params", "macs", "flops", "latency_ms", "key_hparams", "pareto", "source", "reported", "run_id",
-                      "sweep", "variant", "test_errors", "test_size", "note"]
+                      "sweep", "variant", "test_errors", "test_size", "note", "dataset_label", "dataset_fingerprint"]
 
 
 @app.command()
 def leaderboard(
-    dataset: Annotated[str | None, typer.Option(help="only this dataset, e.g. digits or cifar100")] = None,
+    dataset: Annotated[str | None, typer.Option(help="only this dataset: its name as shown, its label (every dataset "
+                                                      "with that label) or the start of its fingerprint")] = None,
     teacher: Annotated[str | None, typer.Option(help="only this teacher, by its label, e.g. 'cnn(channels=16)' or resnet56")] = None,
     by: Annotated[str, typer.Option(help="cost axis of the Pareto front: macs, params or latency")] = "macs",
     pareto_only: Annotated[bool, typer.Option("--pareto-only", help="only our rows on the Pareto front")] = False,
@@ -296,7 +297,7 @@ def _empty_store(message: str, fmt: str, output: Path | None) -> None:
 def _unknown_filter(q, runs, dataset: str | None, teacher: str | None) -> None:
     done = q.finished(runs)
     refs = q.reference_rows()
-    known_ds = sorted(set(done["dataset"].dropna()) | set(refs["dataset"]))
+    known_ds = sorted(set(done["dataset"].dropna()) | set(done["dataset_label"].dropna()) | set(refs["dataset"]))
     known_t = sorted(set(done["teacher"].dropna()) - {""} | set(refs["teacher"]))
     parts = []
     if dataset is not None and dataset not in known_ds:

@@ -32,6 +32,9 @@ class DatasetConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = Field(0, ge=0)
     download: bool = Field(True, description="fetch missing files where the network allows")
+    label: str | None = Field(None, min_length=1, max_length=100,
+                              description="the name shown for this data; default the folder's name for imagefolder, "
+                                          "else the dataset's name")
 
     @field_validator("name")
     @classmethod

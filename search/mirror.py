@@ -21,18 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from kdarena.training.identity import dataset_tags, mlflow_dataset
+from kdarena.training.record import Role, Status, Tag
 
 from .export import config_yaml, export_config
 from .records import SweepRecords
 from .tracking import flatten
-from .train_job import ROLE_TAG
 
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_KEY_TAG = "kdarena.trial_key"
-FINISHED = ("completed", "early-stopped", "diverged", "failed")
+PARENT_TAG = Tag.PARENT
+TRIAL_KEY_TAG = Tag.TRIAL_KEY
+FINISHED = Status.FINISHED
 PER_EPOCH = {"val_acc", "train_acc", "lr", "epoch_seconds"}
 # what a down, restarting or refusing tracking server raises through MlflowClient
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
@@ -137,8 +140,10 @@ class Mirror:
         record["create_attempted"] = True
         self._commit(record, live)  # on disk before the run exists: no run is ever left without its record
         teacher_sha = self.records.data.get("teacher", {}).get("sha256")
-        tags = {PARENT_TAG: parent, ROLE_TAG: record["phase"], TRIAL_KEY_TAG: record["key"], **record["tags"],
-                **({"kdarena.teacher_sha256": teacher_sha} if teacher_sha else {})}
+        dataset = self.records.data.get("dataset")
+        tags = {PARENT_TAG: parent, Role.TAG: record["phase"], TRIAL_KEY_TAG: record["key"], **record["tags"],
+                **({Tag.TEACHER_SHA256: teacher_sha} if teacher_sha else {}),
+                **(dataset_tags(dataset) if dataset else {})}
         run = self.client.create_run(self.experiment_id, run_name=record["trial_name"], tags=tags,
                                      start_time=int(record["started"] * 1000))
         return run.info.run_id
@@ -153,15 +158,19 @@ class Mirror:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's log_batch limit for params
             self.client.log_batch(record["run_id"], params=items[i:i + 100])
+        dataset = self.records.data.get("dataset")
+        if dataset:  # MLflow's own dataset record: the UI's Dataset column (replays add nothing: same digest)
+            entity = mlflow_dataset(dataset)._to_mlflow_entity()
+            self.client.log_inputs(record["run_id"], [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
     def _finish_run(self, record: dict[str, Any]) -> None:
         ts = record.setdefault("finished_ts_ms", int(time.time() * 1000))
         # val_acc is already there, one value per epoch: its last value is the final one
         metrics = [Metric(k, float(v), ts, 0) for k, v in record["metrics"].items()
                    if isinstance(v, (int, float)) and k not in PER_EPOCH]
-        tags = [RunTag("kdarena.status", record["status"])]
+        tags = [RunTag(Tag.STATUS, record["status"])]
         if record.get("reason"):
-            tags.append(RunTag("kdarena.reason", str(record["reason"])[:5000]))
+            tags.append(RunTag(Tag.REASON, str(record["reason"])[:5000]))
         self.client.log_batch(record["run_id"], metrics=metrics, tags=tags)
         self.client.set_terminated(record["run_id"], "FAILED" if record["status"] in ("diverged", "failed") else "FINISHED",
                                    end_time=ts)
@@ -215,7 +224,7 @@ class Mirror:
                 if i == 0:
                     parent = self.records.data["parent_run_id"]
                     self.client.log_artifact(parent, str(path))
-                    self.client.set_tag(parent, "kdarena.best_run_id", record["run_id"])
+                    self.client.set_tag(parent, Tag.BEST_RUN_ID, record["run_id"])
             record["student_logged"] = True
             self.records.save()
 

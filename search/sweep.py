@@ -33,7 +33,10 @@ from kdarena.methods.space import Choice, Dimension, IntRange
 from kdarena.zoo.errors import UserError
 
 from .per_method import PerMethodASHA, PerMethodSearch
-from .mirror import FINISHED, ROLE_TAG, TRACKING_ERRORS, MirrorWorker, mirror_worker
+from kdarena.training.identity import dataset_tags, identity
+from kdarena.training.record import Role, Tag
+
+from .mirror import FINISHED, TRACKING_ERRORS, MirrorWorker, mirror_worker
 from .recorder import LIVE_VIEWS, MLflowRecorder, notify
 from .records import SWEEP_FILE, SweepPaths, SweepRecords, sweep_paths
 from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, method_space, trial_config
@@ -93,9 +96,8 @@ class Describe:
         sweep = SweepConfig.model_validate(self.sweep_doc)
         method, index, options, params, seed = split_trial_params(config)
         cfg = trial_config(sweep, method, index, options, params, seed=seed)
-        tags = {"kdarena.method": method, "kdarena.student": cfg.student.arch, "kdarena.dataset": sweep.dataset.name,
-                "kdarena.teacher": sweep.teacher.arch, "kdarena.sweep": sweep.name,
-                "kdarena.student_label": cfg.student.label, "kdarena.teacher_label": sweep.teacher.label}
+        tags = {Tag.METHOD: method, Tag.STUDENT: cfg.student.arch, Tag.TEACHER: sweep.teacher.arch,
+                Tag.SWEEP: sweep.name, Tag.STUDENT_LABEL: cfg.student.label, Tag.TEACHER_LABEL: sweep.teacher.label}
         return cfg.model_dump(mode="json"), tags
 
 
@@ -145,6 +147,15 @@ def check_pairs(sweep: SweepConfig, data) -> None:
             build_distiller(cfg, data, None)
 
 
+def check_same_data(paths: SweepPaths, ident: dict[str, Any]) -> None:
+    """A resumed sweep trains on the data it started with: files changed underneath are refused, not mixed in."""
+    started = SweepRecords.open(paths.records).data.get("dataset")
+    if started and started.get("fingerprint") != ident["fingerprint"]:
+        raise UserError(f"the dataset changed since sweep '{paths.root.name}' started (content fingerprint "
+                        f"{started['fingerprint'][:12]}… is now {ident['fingerprint'][:12]}…): files were added, removed "
+                        "or replaced. Restore the data to resume, or start a new sweep (another name) on the new data")
+
+
 def check_storage(paths: SweepPaths, resume: bool) -> None:
     exists = paths.records.exists()
     if exists and not resume:
@@ -177,6 +188,9 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
             raise UserError(f"the sweep file changed since {paths.root} was started; resume with the same file, "
                             "or give the changed sweep a new name")
     data = load_config_dataset(sweep.dataset)
+    ident = identity(data, sweep.dataset.root)
+    if resume:
+        check_same_data(paths, ident)
     check_pairs(sweep, data)
     cache_dir = teacher_cache_dir(sweep.cache_dir)
     check_writable(cache_dir)
@@ -193,12 +207,12 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
         experiment_id = ensure_experiment(sweep.experiment, uri)
         if records.data["parent_run_id"] is None:
             parent = client.create_run(experiment_id, run_name=f"sweep-{sweep.name}",
-                                       tags={ROLE_TAG: "sweep", "kdarena.sweep": sweep.name,
-                                             "kdarena.dataset": sweep.dataset.name, "kdarena.teacher": sweep.teacher.arch})
+                                       tags={Role.TAG: Role.SWEEP, Tag.SWEEP: sweep.name, Tag.TEACHER: sweep.teacher.arch,
+                                             **dataset_tags(ident)})
             records.data["parent_run_id"] = parent.info.run_id
             records.save()
             client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "sweep.yaml")
-    records.data |= {"tracking_uri": uri, "experiment_id": experiment_id, "status": None}
+    records.data |= {"tracking_uri": uri, "experiment_id": experiment_id, "status": None, "dataset": ident}
     records.save()
     parent_id = records.data["parent_run_id"]
     if view is not None:
@@ -213,7 +227,7 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
             teacher = resolve_teacher(sweep.teacher, sweep.dataset, data, cache_dir, sweep.experiment, uri,
                                       callbacks or Callbacks(), pick_device())
             teacher_state = {k: v.cpu() for k, v in teacher.model.state_dict().items()}
-            client.set_tag(parent_id, "kdarena.teacher_sha256", teacher.sha256)
+            client.set_tag(parent_id, Tag.TEACHER_SHA256, teacher.sha256)
             if teacher.test_acc is not None:
                 client.log_metric(parent_id, "teacher_test_acc", teacher.test_acc)
             records.data["teacher"] = {"sha256": teacher.sha256, "key": teacher.key, "val_acc": teacher.val_acc,

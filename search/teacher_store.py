@@ -1,9 +1,13 @@
 """The teacher store: every teacher trained once, saved with its sha256, reused.
 
-A teacher is named by a hash of what determines its weights (architecture,
-options, dataset split, recipe, seed). Its file is written atomically and
-its sha256 kept beside it; a load verifies that sha256 and reads tensors
-only (`weights_only=True`), so a changed or crafted file is refused.
+A teacher is named by a hash of what determines its weights: architecture,
+options, the data it learns from (the dataset's content fingerprint, never
+its name, and the validation split), and its recipe with the augmentation
+it actually trains with. Two image folders are two teachers; a folder whose
+files changed is new data and trains a new teacher. Its file is written
+atomically and its sha256 kept beside it; a load verifies that sha256 and
+reads tensors only (`weights_only=True`), so a changed or crafted file is
+refused.
 """
 
 from __future__ import annotations
@@ -22,26 +26,30 @@ from pathlib import Path
 import torch
 
 from kdarena.methods.engine import FitResult
+from kdarena.zoo.data import Dataset
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import StagedModel
 
 from .config import DatasetConfig, TeacherConfig
 
-STORE_FORMAT = 1
+# 2: keyed by the dataset's content fingerprint and the resolved augmentation (1 named the dataset only)
+STORE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KDARENA_CACHE", Path.home() / ".cache" / "kdarena")) / "teachers"
 
 
-def teacher_key(teacher: TeacherConfig, dataset: DatasetConfig) -> str:
+def teacher_key(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset) -> str:
     """Content hash of everything that determines a trained teacher's weights."""
     identity = {
         "format": STORE_FORMAT,
         "arch": teacher.arch,
         "options": teacher.options,
-        "dataset": {"name": dataset.name, "val_fraction": dataset.val_fraction, "split_seed": dataset.split_seed},
-        "recipe": teacher.recipe.model_dump(exclude={"num_threads"}),
+        "dataset": {"fingerprint": data.fingerprint, "val_fraction": dataset.val_fraction,
+                    "split_seed": dataset.split_seed},
+        "recipe": teacher.recipe.model_dump(mode="json", exclude={"num_threads"})
+        | {"augment": teacher.recipe.augment_for(data).model_dump(mode="json")},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -146,7 +154,7 @@ def check_writable(path: Path, what: str = "teacher cache",
                         f"{MIN_FREE_BYTES // 2**20} MiB); free some space, or {fix}")
 
 
-def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, cache_dir: Path,
+def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, cache_dir: Path,
                 build: Callable[[], StagedModel], train: Callable[[StagedModel], FitResult]) -> StoredTeacher:
     """The teacher of a config: the user's checkpoint, the stored one, or trained now and stored.
 
@@ -161,7 +169,7 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, cache_dir: Path,
                                "or drop teacher.sha256")
         return StoredTeacher(model, "", sha, path, None, None, trained_now=False)
 
-    key = teacher_key(teacher, dataset)
+    key = teacher_key(teacher, dataset, data)
     weights = cache_dir / f"{key}.pt"
     meta_path = cache_dir / f"{key}.json"
     if not (meta_path.exists() and weights.exists()):
@@ -181,7 +189,8 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, cache_dir: Path,
         os.replace(tmp, weights)
         sha = file_sha256(weights)
         meta = {"key": key, "sha256": sha, "arch": teacher.arch, "options": teacher.options,
-                "dataset": dataset.model_dump(), "recipe": teacher.recipe.model_dump(),
+                "dataset": dataset.model_dump() | {"label": data.label, "fingerprint": data.fingerprint},
+                "recipe": teacher.recipe.model_dump(mode="json") | {"augment": teacher.recipe.augment_for(data).model_dump()},
                 "val_acc": result.val_acc, "test_acc": result.test_acc}
         tmp_meta = meta_path.with_name(meta_path.name + ".partial")
         tmp_meta.write_text(json.dumps(meta, indent=2))

@@ -21,6 +21,8 @@ from kdarena.methods import Distiller, get_method
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import EpochResult, FitResult, eval_loader, evaluate, fit, pick_device
 from kdarena.methods.recipe import Recipe
+from kdarena.training.identity import dataset_tags, identity, mlflow_dataset
+from kdarena.training.record import Metric, Role, Tag
 from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset, load_dataset
 from kdarena.zoo.errors import UserError
@@ -31,8 +33,6 @@ from .config import DatasetConfig, TeacherConfig, TrainConfig
 from .export import config_yaml, export_config
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
 from .tracking import flatten, source_commit, writes_allowed
-
-ROLE_TAG = "kdarena.role"
 
 
 @dataclass
@@ -55,16 +55,19 @@ def _train_teacher(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, data:
         experiment_id = ensure_experiment(experiment, tracking_uri)
         distiller = Baseline(model, None, Baseline.Params(), pair_info(model, model, data))
         label = f"teacher {teacher_cfg.arch}"
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"teacher-{teacher_cfg.arch}-{dataset_cfg.name}",
-                              tags={ROLE_TAG: "teacher"}):
+        ident = identity(data, dataset_cfg.root)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"teacher-{teacher_cfg.arch}-{data.label}",
+                              tags={Role.TAG: Role.TEACHER, Tag.TEACHER_LABEL: teacher_cfg.label,
+                                    **dataset_tags(ident)}):
             mlflow.log_params(flatten("teacher", teacher_cfg.model_dump(exclude={"checkpoint", "sha256"}))
                               | {"dataset": dataset_cfg.name})
+            mlflow.log_input(mlflow_dataset(ident), context="training")
             callbacks.start(label, recipe.epochs, 0)
             result = fit(distiller, data, recipe, device=device, on_batch=callbacks.batch,
                          on_epoch=lambda e: (_log_epoch(e), callbacks.epoch(label, e)))
             if result.test_acc is not None:
-                mlflow.log_metric("test_acc", result.test_acc)
-            mlflow.set_tag("kdarena.status", result.status)
+                mlflow.log_metric(Metric.TEST_ACC, result.test_acc)
+            mlflow.set_tag(Tag.STATUS, result.status)
         model.eval()
         return result
     return train
@@ -78,7 +81,7 @@ def resolve_teacher(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, data
     checkpoint is refused before anything is written anywhere.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    teacher = get_teacher(teacher_cfg, dataset_cfg, cache_dir,
+    teacher = get_teacher(teacher_cfg, dataset_cfg, data, cache_dir,
                           build=lambda: make_model(teacher_cfg, data, teacher_cfg.recipe.seed),
                           train=_train_teacher(teacher_cfg, dataset_cfg, data, experiment, tracking_uri, callbacks, device))
     if teacher_cfg.sha256 and teacher.sha256 != teacher_cfg.sha256:
@@ -93,7 +96,7 @@ def resolve_teacher(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, data
 
 def load_config_dataset(ds: DatasetConfig) -> Dataset:
     return load_dataset(ds.name, root=ds.root, val_fraction=ds.val_fraction, split_seed=ds.split_seed,
-                        download=ds.download)
+                        download=ds.download, label=ds.label)
 
 
 def _log_epoch(e: EpochResult) -> None:
@@ -118,9 +121,9 @@ def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None =
                                       tracking_uri, callbacks, device)
         distiller = build_distiller(cfg, data, teacher.model if teacher else None)
 
-        run_name = f"{cfg.method.name}-{cfg.student.arch}-{cfg.dataset.name}"
+        run_name = f"{cfg.method.name}-{cfg.student.arch}-{data.label}"
         experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={ROLE_TAG: "train"}) as run:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={Role.TAG: Role.TRAIN}) as run:
             try:  # any other exception ends the run FAILED in start_run's own exit
                 summary = _train_and_record(cfg, data, distiller, teacher, device, callbacks, source_config)
             except KeyboardInterrupt:
@@ -135,15 +138,17 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     resolved["method"]["params"] = distiller.params.model_dump(mode="json")
     mlflow.log_params(flatten("", {k: v for k, v in resolved.items() if k != "teacher"})
                       | flatten("teacher", {k: v for k, v in resolved["teacher"].items()}))
-    tags = {"kdarena.method": cfg.method.name, "kdarena.student": cfg.student.arch, "kdarena.dataset": cfg.dataset.name,
-            "kdarena.teacher": cfg.teacher.arch if teacher else "", "kdarena.student_label": cfg.student.label,
-            "kdarena.teacher_label": cfg.teacher.label if teacher else ""}
+    ident = identity(data, cfg.dataset.root)
+    tags = {Tag.METHOD: cfg.method.name, Tag.STUDENT: cfg.student.arch, Tag.TEACHER: cfg.teacher.arch if teacher else "",
+            Tag.STUDENT_LABEL: cfg.student.label, Tag.TEACHER_LABEL: cfg.teacher.label if teacher else "",
+            **dataset_tags(ident)}
     if teacher:
-        tags |= {"kdarena.teacher_sha256": teacher.sha256, "kdarena.teacher_key": teacher.key}
+        tags |= {Tag.TEACHER_SHA256: teacher.sha256, Tag.TEACHER_KEY: teacher.key}
     commit = source_commit()
     if commit:
-        tags["kdarena.git_commit"] = commit
+        tags[Tag.GIT_COMMIT] = commit
     mlflow.set_tags(tags)
+    mlflow.log_input(mlflow_dataset(ident), context="training")
     # the config `kdarena export` would write: re-runnable with `kdarena train`, pinned to this teacher
     mlflow.log_text(config_yaml(export_config(resolved, teacher.sha256 if teacher else None)), "config.yaml")
     if source_config is not None:
@@ -163,9 +168,9 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     if teacher and teacher.val_acc is not None:
         final |= {"teacher_val_acc": teacher.val_acc, "teacher_test_acc": teacher.test_acc}
     mlflow.log_metrics({k: float(v) for k, v in final.items() if v is not None})
-    mlflow.set_tag("kdarena.status", result.status)
+    mlflow.set_tag(Tag.STATUS, result.status)
     if result.reason:
-        mlflow.set_tag("kdarena.reason", result.reason)
+        mlflow.set_tag(Tag.REASON, result.reason)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "student.pt"
         torch.save(distiller.student.state_dict(), path)
@@ -176,7 +181,8 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     return {
         "status": result.status, "reason": result.reason,
         "method": cfg.method.name, "student": cfg.student.arch, "teacher": cfg.teacher.arch if teacher else None,
-        "dataset": cfg.dataset.name, "val_acc": result.val_acc, "best_val_acc": result.best_val_acc,
+        "dataset": cfg.dataset.name, "dataset_label": data.label, "dataset_fingerprint": data.fingerprint,
+        "val_acc": result.val_acc, "best_val_acc": result.best_val_acc,
         "test_acc": result.test_acc, "params": cost.params, "flops": cost.flops, "macs": cost.macs,
         "latency_ms": cost.latency_ms, "extra_params": final["extra_params"],
         "teacher_sha256": teacher.sha256 if teacher else None,

@@ -27,10 +27,11 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kdarena.search.cli import app
+from kdarena.zoo.data import load_dataset
 from kdarena.zoo.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = ["search", "methods", "zoo", "dashboard", "leaderboards", "sweeps", "benchmarks"]
+PACKAGE_DIRS = ["search", "training", "methods", "zoo", "dashboard", "leaderboards", "sweeps", "benchmarks"]
 FAST = ["--set", "teacher.recipe.epochs=1", "--set", "train.epochs=1"]
 
 
@@ -162,7 +163,7 @@ def test_crafted_pickle_in_the_teacher_store_is_refused_even_with_a_matching_sid
     cfg = parse_config({}, "default")
     store = cache_env / "teachers"
     store.mkdir(parents=True)
-    key = teacher_key(cfg.teacher, cfg.dataset)
+    key = teacher_key(cfg.teacher, cfg.dataset, load_dataset("digits"))
     marker = tmp_path / "marker"
     weights = crafted_checkpoint(store / f"{key}.pt", marker, "torch-zip")
     (store / f"{key}.json").write_text(json.dumps({"key": key, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}))
@@ -397,7 +398,7 @@ def test_teacher_store_names_are_hashes_whatever_the_options():
     from kdarena.search.teacher_store import teacher_key
 
     for options in ({"channels": "../../../x"}, {"/etc/passwd": 1}, {"a": "\\..\\..\\x"}):
-        key = teacher_key(TeacherConfig(arch="cnn", options=options), DatasetConfig())
+        key = teacher_key(TeacherConfig(arch="cnn", options=options), DatasetConfig(), load_dataset("digits"))
         assert len(key) == 20 and set(key) <= set("0123456789abcdef")
 
 

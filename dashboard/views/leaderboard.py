@@ -11,9 +11,11 @@ AXES = {"MACs": "macs", "params": "params", "latency": "latency"}
 
 uri, ours = page_runs("Leaderboard")
 
+# a dataset is its content (fingerprint); it is shown by its label, made unique with a short fingerprint
 ours_datasets = sorted(ours["dataset"].dropna().astype(str).unique())
+identity = ours.dropna(subset=["dataset"]).drop_duplicates("dataset").set_index("dataset")
 published = cached_references(None)
-datasets = ours_datasets + sorted(set(published["dataset"].dropna().astype(str)) - set(ours_datasets))
+datasets = ours_datasets + sorted(set(published["dataset"].dropna().astype(str)) - set(identity["dataset_label"]))
 top = st.columns([1.2, 1.2, 1, 1.4])
 dataset = top[0].selectbox("Dataset", datasets, key="lb_dataset",
                            format_func=lambda d: d if d in ours_datasets else f"{d} (published results only)")
@@ -21,7 +23,13 @@ axis = top[3].radio("Cost axis", list(AXES), horizontal=True, key="lb_axis",
                     help="MACs = FLOPs / 2, the convention of most papers; latency: CPU, batch 1")
 by = AXES[axis]
 base = cached_leaderboard(uri, dataset, None, None, None, None, None, by)
-refs = cached_references(dataset)
+refs = cached_references(str(identity["dataset_label"].get(dataset, dataset)))
+if dataset in ours_datasets:
+    fingerprint = identity["dataset_fingerprint"].get(dataset)
+    st.caption(f"Data: fingerprint `{fingerprint[:16]}…` (the content of its files: other data, or changed files, "
+               "rank apart)" if isinstance(fingerprint, str) else
+               "Data of unknown identity: these runs were recorded before kdarena identified data by content, "
+               "so they are never merged with runs on identified data.")
 
 
 def options(column: str, *frames: pd.DataFrame) -> list[str]:

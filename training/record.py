@@ -1,0 +1,84 @@
+"""The MLflow record's vocabulary: every role, status, tag, metric and param name kdarena writes or reads.
+
+Writers (`kdarena train`, the sweep's recorder and mirror) and readers (the
+leaderboard, the dashboard, export) import these names; none spells one out.
+Renaming a tag here renames it everywhere, and a test scans the source for
+stray literals.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class Role:
+    """`kdarena.role`: what a run is."""
+
+    TAG: Final = "kdarena.role"
+    SWEEP: Final = "sweep"  # a sweep's parent run
+    TRIAL: Final = "trial"  # one search trial
+    FINAL: Final = "final"  # one seed of a method's best config
+    TRAIN: Final = "train"  # a `kdarena train` run
+    TEACHER: Final = "teacher"  # a teacher trained for the store
+    STUDENTS: Final = (TRAIN, TRIAL, FINAL)  # the runs that hold a student
+
+
+class Status:
+    """`kdarena.status`: how a student run ended."""
+
+    COMPLETED: Final = "completed"
+    EARLY_STOPPED: Final = "early-stopped"
+    DIVERGED: Final = "diverged"
+    FAILED: Final = "failed"
+    RUNNING: Final = "running"
+    FINISHED: Final = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED)
+
+
+class Tag:
+    STATUS: Final = "kdarena.status"
+    REASON: Final = "kdarena.reason"
+    SWEEP: Final = "kdarena.sweep"
+    TRIAL_KEY: Final = "kdarena.trial_key"
+    METHOD: Final = "kdarena.method"
+    STUDENT: Final = "kdarena.student"  # the architecture
+    STUDENT_LABEL: Final = "kdarena.student_label"  # architecture and options, e.g. cnn(channels=8)
+    TEACHER: Final = "kdarena.teacher"
+    TEACHER_LABEL: Final = "kdarena.teacher_label"
+    TEACHER_SHA256: Final = "kdarena.teacher_sha256"
+    TEACHER_KEY: Final = "kdarena.teacher_key"
+    DATASET: Final = "kdarena.dataset"  # the dataset's kind: digits, cifar100, imagefolder, …
+    DATASET_LABEL: Final = "kdarena.dataset_label"  # the name shown: the folder's name for imagefolder
+    DATASET_FINGERPRINT: Final = "kdarena.dataset_fingerprint"  # its content hash: what identifies the data
+    GIT_COMMIT: Final = "kdarena.git_commit"
+    BEST_RUN_ID: Final = "kdarena.best_run_id"
+    PARENT: Final = "mlflow.parentRunId"
+
+
+class Metric:
+    VAL_ACC: Final = "val_acc"
+    TRAIN_ACC: Final = "train_acc"
+    TEST_ACC: Final = "test_acc"
+    LR: Final = "lr"
+    EPOCH_SECONDS: Final = "epoch_seconds"
+    BEST_VAL_ACC: Final = "best_val_acc"
+    FINAL_VAL_ACC: Final = "final_val_acc"
+    PARAMS: Final = "params"
+    MACS: Final = "macs"
+    FLOPS: Final = "flops"
+    LATENCY_MS: Final = "latency_ms"
+    EXTRA_PARAMS: Final = "extra_params"
+    EPOCHS_COMPLETED: Final = "epochs_completed"
+    TEACHER_VAL_ACC: Final = "teacher_val_acc"
+    TEACHER_TEST_ACC: Final = "teacher_test_acc"
+    PER_EPOCH: Final = (VAL_ACC, TRAIN_ACC, LR, EPOCH_SECONDS)
+    LOSS_PREFIX: Final = "train_"  # train_loss_<term>: each loss term's epoch mean
+    DIAG_PREFIX: Final = "diag_"  # diag_<name>: each method diagnostic's epoch mean
+
+
+class Param:
+    DATASET_NAME: Final = "dataset.name"
+    METHOD_NAME: Final = "method.name"
+    METHOD_PARAMS_PREFIX: Final = "method.params."
+    SEED: Final = "train.seed"
+    LR: Final = "train.lr"
+    WEIGHT_DECAY: Final = "train.weight_decay"
