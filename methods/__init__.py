@@ -25,6 +25,7 @@ from .pkt import PKT
 from .rkd import RKD
 from .sp import SP
 from .svd import SVD
+from .vid import VID
 from .wasserstein import Wasserstein
 
 METHODS: dict[str, type[Distiller]] = {
@@ -43,6 +44,7 @@ METHODS: dict[str, type[Distiller]] = {
     "sp": SP,
     "cc": CC,
     "nst": NST,
+    "vid": VID,
     "ab": AB,
     "ft": FT,
     "ofd": OFD,
