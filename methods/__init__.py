@@ -13,6 +13,7 @@ from .at import AT
 from .base import Distiller, MethodParams, PairInfo, StepInfo
 from .baseline import Baseline
 from .cc import CC
+from .ctkd import CTKD
 from .dist import DIST
 from .dkd import DKD
 from .fitnets import FitNets
@@ -22,6 +23,7 @@ from .kd import KD
 from .ofd import OFD
 from .nst import NST
 from .pkt import PKT
+from .reviewkd import ReviewKD
 from .rkd import RKD
 from .sp import SP
 from .svd import SVD
@@ -39,6 +41,7 @@ METHODS: dict[str, type[Distiller]] = {
     "at": AT,
     "dkd": DKD,
     "dist": DIST,
+    "ctkd": CTKD,
     "rkd": RKD,
     "pkt": PKT,
     "sp": SP,
@@ -48,6 +51,7 @@ METHODS: dict[str, type[Distiller]] = {
     "ab": AB,
     "ft": FT,
     "ofd": OFD,
+    "reviewkd": ReviewKD,
 }
 
 
