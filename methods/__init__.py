@@ -13,6 +13,7 @@ from .at import AT
 from .base import Distiller, MethodParams, PairInfo, StepInfo
 from .baseline import Baseline
 from .cc import CC
+from .crd import CRD
 from .ctkd import CTKD
 from .dist import DIST
 from .dkd import DKD
@@ -20,6 +21,7 @@ from .fitnets import FitNets
 from .fsp import FSP
 from .ft import FT
 from .kd import KD
+from .mlkd import MLKD
 from .ofd import OFD
 from .nst import NST
 from .pkt import PKT
@@ -42,6 +44,7 @@ METHODS: dict[str, type[Distiller]] = {
     "dkd": DKD,
     "dist": DIST,
     "ctkd": CTKD,
+    "mlkd": MLKD,
     "rkd": RKD,
     "pkt": PKT,
     "sp": SP,
@@ -52,6 +55,7 @@ METHODS: dict[str, type[Distiller]] = {
     "ft": FT,
     "ofd": OFD,
     "reviewkd": ReviewKD,
+    "crd": CRD,
 }
 
 
