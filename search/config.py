@@ -152,6 +152,10 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     loc = field_path(parts)
     if err["type"] == "extra_forbidden":
         msg = "unknown field; remove it or check its spelling"
+    elif err["type"] == "union_tag_invalid":  # a named choice, e.g. augment: {policy: rotate}
+        ctx = err.get("ctx", {})
+        known = str(ctx.get("expected_tags", "")).replace("'", "")
+        msg = f"unknown {ctx.get('discriminator', 'name').strip(chr(39))} {show(ctx.get('tag'))}; known: {known}"
     got = err.get("input")
     shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {show(got)})"
     more = len(exc.errors()) - 1

@@ -487,3 +487,20 @@ def test_cli_empty_store_names_the_quickstart(migrated_store, tmp_path):
     missing.write_bytes(b"")  # an empty file: still no store, and it stays untouched
     out = invoke("--tracking-uri", f"sqlite:///{missing}")
     assert out.exit_code == 0 and "quickstart" in out.stdout and missing.stat().st_size == 0
+
+
+def test_every_run_of_a_sweep_names_its_data_by_label_fingerprint_and_mlflow_dataset(store):
+    """Trial, final and train runs carry the dataset's identity; so does MLflow's own dataset record of each run."""
+    from kdarena.training.record import Role, Tag
+    from kdarena.zoo.data import load_dataset
+
+    digits = load_dataset("digits")
+    client = MlflowClient(store["tracking_uri"])
+    student_runs = [r for r in store["client_runs"] if r.data.tags.get(Role.TAG) in Role.STUDENTS]
+    assert {r.data.tags[Role.TAG] for r in student_runs} == {"trial", "final", "train"}
+    for run in student_runs:
+        assert run.data.tags[Tag.DATASET_LABEL] == "digits"
+        assert run.data.tags[Tag.DATASET_FINGERPRINT] == digits.fingerprint
+        [inp] = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert (inp.dataset.name, inp.dataset.digest) == ("digits", digits.fingerprint[:36])
+    assert set(store["runs"]["dataset_fingerprint"]) == {digits.fingerprint}

@@ -185,3 +185,40 @@ def test_incompatible_or_corrupt_weights_are_user_errors(tmp_path):
     torch.save([torch.zeros(1)], notdict)
     with pytest.raises(UserError, match=r"list\.pt.*does not hold a state_dict"):
         build_model("resnet18", num_classes=10, in_channels=3, input_size=32, weights=str(notdict))
+
+
+def test_mlp_max_norm_caps_each_hidden_units_incoming_weights_after_every_step(digits):
+    """Hinton's MNIST teacher recipe: max-norm 3.5 on each hidden unit, applied by the engine after each step."""
+    from kdarena.methods.baseline import Baseline
+    from kdarena.methods.engine import fit
+    from kdarena.methods.recipe import Recipe
+    from helpers import CPU, digits_pair
+
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=10, in_channels=1, input_size=8, hidden=[32, 32], max_norm=0.5,
+                        input_dropout=0.2, dropout=0.5)
+    free = build_model("mlp", num_classes=10, in_channels=1, input_size=8, hidden=[32, 32])
+    free.load_state_dict(model.state_dict())
+    for m in (model, free):
+        fit(Baseline(m, None, Baseline.Params(), digits_pair(m, m)), digits,
+            Recipe(epochs=2, batch_size=64, lr=0.5), device=CPU)
+    capped = [float(lin.weight.norm(dim=1).max()) for lin in model.linears]
+    uncapped = [float(lin.weight.norm(dim=1).max()) for lin in free.linears]
+    assert all(n <= 0.5 + 1e-5 for n in capped)
+    assert all(n > 0.5 for n in uncapped)  # the cap did something: without it the norms grow past it
+    # the classifier is not a hidden unit: it is left free
+    assert float(model.classifier.weight.norm(dim=1).max()) > 0
+
+
+def test_mlp_input_dropout_drops_inputs_in_training_only():
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=10, in_channels=1, input_size=8, hidden=[16], input_dropout=0.5)
+    x = torch.rand(4, 1, 8, 8)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    with pytest.raises(UserError, match="input_dropout"):
+        build_model("mlp", num_classes=10, in_channels=1, input_size=8, input_dropout=1.0)
+    with pytest.raises(UserError, match="max_norm"):
+        build_model("mlp", num_classes=10, in_channels=1, input_size=8, max_norm=0)

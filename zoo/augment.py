@@ -26,17 +26,12 @@ import math
 from typing import Annotated, Any, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 from torch.nn import functional as F
 
 
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, data: Any) -> Any:
-        return {"policy": data} if isinstance(data, str) else data
 
     def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """`x` (B×C×H×W floats in [0, 1]) augmented; randomness only from `gen`."""
@@ -86,15 +81,19 @@ class Strong(Policy):
         return x
 
 
-AugmentPolicy = Annotated[Union[NoAugment, CropFlip, Translate, Strong], Field(discriminator="policy")]
-POLICIES: tuple[str, ...] = ("none", "crop_flip", "translate", "strong")
+def _named(value: Any) -> Any:
+    """`augment: translate` is short for `augment: {policy: translate}`."""
+    return {"policy": value} if isinstance(value, str) else value
+
+
+# a recipe's `augment:` field: a policy by name, or a mapping with its options
+AugmentPolicy = Annotated[Annotated[Union[NoAugment, CropFlip, Translate, Strong], Field(discriminator="policy")],
+                          BeforeValidator(_named)]
 
 
 def parse_policy(value: Any) -> NoAugment | CropFlip | Translate | Strong:
     """A policy from its name or mapping (what a recipe's `augment:` holds)."""
-    from pydantic import TypeAdapter
-
-    return TypeAdapter(AugmentPolicy).validate_python({"policy": value} if isinstance(value, str) else value)
+    return TypeAdapter(AugmentPolicy).validate_python(value)
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
