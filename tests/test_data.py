@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 
 from kdarena.zoo.augment import CropFlip, random_crop, random_flip
@@ -90,3 +94,21 @@ def test_natural_image_augmentation_changes_batches_but_not_eval(digits):
     xa, ya = next(iter(aug))
     xp, yp = next(iter(plain))
     assert torch.equal(ya, yp) and not torch.equal(xa, xp)
+
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist package (.ci/run installs it)")
+def test_fashion_mnist_loads_offline_from_debians_package(tmp_path):
+    # the layout an earlier kdarena left behind: Debian's .gz files copied as they are, which torchvision's md5
+    # check refuses (Debian rewrote their gzip headers), so it tried to download
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in DEBIAN_FASHION.glob("*.gz"):
+        shutil.copy(f, raw / f.name)
+    data = load_dataset("fashion-mnist", root=tmp_path, download=False)
+    assert (len(data.train) + len(data.val), len(data.test), data.num_classes) == (60_000, 10_000, 10)
+    assert data.label == "fashion-mnist" and data.train.images.shape[1:] == (1, 28, 28)
+    # the same content wherever it is read from: the identity of the data, not of the folder
+    assert load_dataset("fashion-mnist", root=tmp_path / "elsewhere", download=False).fingerprint == data.fingerprint

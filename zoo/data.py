@@ -122,15 +122,31 @@ _TORCHVISION_FILES = {
 _DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
+def _unpack_debian_fashion(raw: Path) -> None:
+    """Debian's four files, decompressed where torchvision looks for them.
+
+    Debian rewrote the .gz headers, so torchvision's md5 check refuses the
+    compressed files and tries to download; the decompressed bytes are the
+    originals, and torchvision takes decompressed files as they are.
+    """
+    import gzip
+
+    raw.mkdir(parents=True, exist_ok=True)
+    for source in _DEBIAN_FASHION.glob("*.gz"):
+        target = raw / source.name.removesuffix(".gz")
+        if target.exists():
+            continue
+        tmp = target.with_name(target.name + ".partial")
+        with gzip.open(source, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        tmp.replace(target)
+
+
 def _torchvision(name: str, root: Path, download: bool) -> _Loaded:
     from torchvision import datasets as tvd
 
     if name == "fashion-mnist" and _DEBIAN_FASHION.is_dir():
-        raw = root / "FashionMNIST" / "raw"
-        if not raw.is_dir():
-            raw.mkdir(parents=True, exist_ok=True)
-            for f in _DEBIAN_FASHION.glob("*.gz"):
-                shutil.copy(f, raw / f.name)
+        _unpack_debian_fashion(root / "FashionMNIST" / "raw")
 
     def load(train: bool):
         if name == "mnist":
