@@ -60,8 +60,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import promote
-from .fsp import full_precision
+from .features import full_precision, promote
 from .kd import kd_loss
 from .space import Choice, FloatRange
 

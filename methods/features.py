@@ -7,6 +7,8 @@ student stage with a teacher stage and bring two maps to one size.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch.nn import functional as F
 
@@ -57,3 +59,13 @@ def promote(t: torch.Tensor) -> torch.Tensor:
     are not summed in bf16, and float64 inputs (gradcheck) are never demoted.
     """
     return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
+
+
+def full_precision(device: torch.device):
+    """Autocast off: Gram-like products and SVDs are computed in full precision."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext()
+
+
+def pooled_embedding(f: torch.Tensor) -> torch.Tensor:
+    """A stage as one B×D vector per sample: a B×C×H×W map average-pooled over H×W, a B×D stage as it is."""
+    return F.adaptive_avg_pool2d(f, 1).flatten(1) if f.dim() == 4 else f.flatten(1)

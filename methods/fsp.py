@@ -35,7 +35,6 @@ that compute it) and `stage` (1 or 2; always 1 in the one-stage variant).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Annotated, Literal
 
 import torch
@@ -43,7 +42,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import paired_stages, pool_to_match, promote
+from .features import full_precision, paired_stages, pool_to_match, promote
 from .space import Choice, FloatRange
 
 
@@ -68,11 +67,6 @@ def channel_adapters(pairs: list[tuple[int, int]], pair: PairInfo) -> nn.ModuleL
         else nn.Conv2d(pair.student_stages[s].channels, pair.teacher_stages[t].channels, 1, bias=False)
         for s, t in pairs
     )
-
-
-def full_precision(device: torch.device):
-    """Autocast off: Gram-like products and SVDs are computed in full precision."""
-    return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext()
 
 
 class FSPParams(MethodParams):

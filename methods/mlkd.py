@@ -59,8 +59,7 @@ from pydantic import Field
 from kdarena.zoo.augment import Strong
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import promote
-from .fsp import full_precision
+from .features import full_precision, promote
 from .kd import kd_loss
 from .space import Choice, FloatRange
 

@@ -38,8 +38,7 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import needs_spatial, paired_stages, pool_to_match, promote
-from .fsp import full_precision
+from .features import full_precision, needs_spatial, paired_stages, pool_to_match, promote
 from .space import FloatRange
 
 

@@ -34,9 +34,7 @@ import torch
 from pydantic import Field
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import promote
-from .fsp import full_precision
-from .rkd import pooled_embedding
+from .features import full_precision, pooled_embedding, promote
 from .space import FloatRange
 
 EPS = 1e-7

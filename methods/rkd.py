@@ -36,14 +36,8 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import promote
-from .fsp import full_precision
+from .features import full_precision, pooled_embedding, promote
 from .space import FloatRange
-
-
-def pooled_embedding(f: torch.Tensor) -> torch.Tensor:
-    """A stage as one B×D vector per sample: a B×C×H×W map average-pooled over H×W, a B×D stage as it is."""
-    return F.adaptive_avg_pool2d(f, 1).flatten(1) if f.dim() == 4 else f.flatten(1)
 
 
 def pairwise_distances(e: torch.Tensor) -> torch.Tensor:

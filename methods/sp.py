@@ -37,8 +37,7 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import paired_stages, promote
-from .fsp import full_precision
+from .features import full_precision, paired_stages, promote
 from .space import Choice, FloatRange
 
 

@@ -64,8 +64,8 @@ from pydantic import Field
 from torch import nn
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import paired_stages, pool_to_match, promote
-from .fsp import channel_adapters, full_precision, stage_one_epochs
+from .features import full_precision, paired_stages, pool_to_match, promote
+from .fsp import channel_adapters, stage_one_epochs
 from .space import Choice, FloatRange
 
 SVD_EPS = 1e-4  # relative regulariser of the SVD backward's divisions
