@@ -20,6 +20,7 @@ from .dkd import DKD
 from .fitnets import FitNets
 from .fsp import FSP
 from .ft import FT
+from .ickd import ICKD
 from .kd import KD
 from .mlkd import MLKD
 from .ofd import OFD
@@ -56,6 +57,7 @@ METHODS: dict[str, type[Distiller]] = {
     "ofd": OFD,
     "reviewkd": ReviewKD,
     "crd": CRD,
+    "ickd": ICKD,
 }
 
 
