@@ -66,9 +66,9 @@ def train(
         _fail(exc)
     if as_json:
         print(json.dumps(_jsonable(summary), sort_keys=True))
-        return
-    _print_summary(summary, uri)
-    if summary["status"] != "completed":
+    else:
+        _print_summary(summary, uri)
+    if summary["status"] != "completed":  # diverged: the JSON or the table says why, the exit code says it failed
         raise typer.Exit(1)
 
 

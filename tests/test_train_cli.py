@@ -166,10 +166,45 @@ def test_bad_set_override_and_unreachable_tracking_server(cache_env):
     assert result.exit_code == 2 and "unreachable" in result.stderr
 
 
-def test_console_script_exit_code_and_json(cache_env, tmp_path):
+def test_console_script_exit_code_and_json(migrated_store, tmp_path):
+    """The installed script, as a shell or a CI job sees it: exit 0 and one JSON object on stdout, nothing else;
+    a bad input is exit 2, one line on stderr, nothing on stdout."""
     exe = Path(sys.executable).parent / "kdarena"
+    good = subprocess.run([str(exe), "train", "--json", "--set", "method.name=baseline", "--set", "train.epochs=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert good.stdout.endswith("\n") and good.stdout.count("\n") == 1  # one line: the object, nothing before or after
+    summary = json.loads(good.stdout)
+    assert summary["status"] == "completed" and summary["method"] == "baseline" and 0 < summary["test_acc"] <= 1
+    client, _ = _runs(tmp_path)
+    assert client.get_run(summary["run_id"]).data.tags["kdarena.status"] == "completed"
     bad = subprocess.run([str(exe), "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "config file not found" in bad.stderr and bad.stdout == ""
+    assert bad.returncode == 2 and bad.stdout == ""
+    (line,) = bad.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "config file not found" in line and "missing.yaml" in line
+
+
+# a learning rate of 1e4 makes the first step's loss NaN: the run ends `diverged` in its first epoch
+DIVERGING = ["--set", "method.name=baseline", "--set", "train.lr=1e4", "--set", "train.epochs=3"]
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])
+def test_a_diverged_run_exits_1_with_or_without_json(as_json, migrated_store, tmp_path):
+    result = _train(*(["--json"] if as_json else []), *DIVERGING)
+    assert result.exit_code == 1, result.output
+    if as_json:  # the JSON is still printed, and it is all stdout holds
+        summary = json.loads(result.stdout)
+        assert summary["status"] == "diverged" and "non-finite" in summary["reason"]
+        assert summary["test_acc"] is None and summary["val_acc"] is None
+        run_id = summary["run_id"]
+    else:
+        assert "diverged" in result.stdout and "non-finite" in result.stdout
+        client, runs = _runs(tmp_path)
+        (run,) = [r for r in runs if r.data.tags.get("kdarena.role") != "teacher"]
+        run_id = run.info.run_id
+    client, _ = _runs(tmp_path)
+    run = client.get_run(run_id)
+    assert run.data.tags["kdarena.status"] == "diverged" and run.info.status == "FAILED"
 
 
 def test_models_and_methods_listings():
