@@ -100,6 +100,8 @@ def logit_discriminator(num_classes: int, hidden: int) -> nn.Sequential:
 class Adversarial(Distiller):
     name = "adversarial"
     Params = AdversarialParams
+    reference = ("kdarena's own seed method, no published reference code: an MLP discriminator on logits "
+                 "(teacher 0, student 1), non-saturating GAN loss for the student, optional τ²·KL")
     space = {
         "alpha": FloatRange(0.1, 1.0),
         "beta": FloatRange(1e-3, 1.0, log=True),

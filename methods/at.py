@@ -7,8 +7,10 @@ flattened and normalised to unit L2 norm per sample:
     L_AT = Σ_l mean_{b, positions} (Q(F_s^l) − Q(F_t^l))²
     L    = CE + β/2 · L_AT
 
-β/2 is the authors' code convention (their β=1e3 is the default here).
-RepDistiller writes `CE + β·L_AT` with β=1000, which is β=2000 here.
+β/2 is the paper's form (its β = 10³ is the default here). The authors'
+code (szagoruyko/attention-transfer cifar.py @ 893df54) and RepDistiller
+(distiller_zoo/AT.py @ b84f547) write `CE + β·L_AT` with β=1000, which is
+β=2000 here.
 Stages are paired by relative depth among the spatial stages only
 (`features.paired_stages`); where a pair's H×W differ, the larger feature
 map is average-pooled to the smaller before Q, as in the reference code.
@@ -54,6 +56,9 @@ class ATParams(MethodParams):
 class AT(Distiller):
     name = "at"
     Params = ATParams
+    reference = ("Zagoruyko & Komodakis, ICLR 2017; szagoruyko/attention-transfer utils.py @ 893df54 and RepDistiller "
+                 "distiller_zoo/AT.py @ b84f547 (mean((Q_s−Q_t)²), larger map pooled): we add the paper's β/2·L_AT, "
+                 "their code adds β·L_AT with β=1000, i.e. at_weight 2000 here")
     space = {"at_weight": FloatRange(10.0, 1e4, log=True), "p": Choice((1, 2, 4))}
 
     def __init__(self, student, teacher, params: ATParams, pair: PairInfo):

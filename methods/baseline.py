@@ -9,6 +9,7 @@ from .base import Distiller, StepInfo, cross_entropy
 
 class Baseline(Distiller):
     name = "baseline"
+    reference = "the student trained alone: cross-entropy on labels only (the papers' student rows); no distillation code"
     needs_teacher = False
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo):

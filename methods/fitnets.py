@@ -86,6 +86,9 @@ def _regressor(s: StageShape, t: StageShape, kernel: int) -> nn.Module:
 class FitNets(Distiller):
     name = "fitnets"
     Params = FitNetsParams
+    reference = ("Romero et al., ICLR 2015; RepDistiller distiller_zoo/FitNet.py @ b84f547 (MSE, -b 100, hint layer 2): "
+                 "our hint is ½·MSE, so hint_weight 200 = their 100; regressor conv+BN without their ReLU; "
+                 "stages=2 is the paper's hint-then-KD training")
     space = {
         "hint_weight": FloatRange(1.0, 1000.0, log=True),
         "hint_epochs": FloatRange(0.0, 0.3),

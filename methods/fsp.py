@@ -80,6 +80,9 @@ class FSPParams(MethodParams):
 class FSP(Distiller):
     name = "fsp"
     Params = FSPParams
+    reference = ("Yim et al., CVPR 2017 (two-stage: FSP then CE); RepDistiller distiller_zoo/FSP.py @ b84f547 for the "
+                 "matrices and pooling; squared entries summed over each m×n matrix as in the paper, where RepDistiller "
+                 "averages them (ours = theirs × m·n); 1×1 adapters where channel counts differ")
     space = {
         "fsp_weight": FloatRange(1e-3, 10.0, log=True),
         "stages": Choice((1, 2)),

@@ -64,6 +64,9 @@ class KDParams(MethodParams):
 class KD(Distiller):
     name = "kd"
     Params = KDParams
+    reference = ("Hinton et al., NIPS 2014 workshop (arXiv 2015); RepDistiller distiller_zoo/KD.py @ b84f547: "
+                 "τ²·KL summed over classes / B, (1−α)·CE + α·KD with RepDistiller's -r 0.1 -a 0.9 T=4; "
+                 "logit_std: sunshangquan/logit-standardization-KD mdistiller/distillers/KD.py @ f6e5aa5, τ² kept")
     space = {"temperature": FloatRange(1.0, 20.0, log=True), "alpha": FloatRange(0.0, 1.0),
              "logit_std": Choice((False, True))}
 

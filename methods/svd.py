@@ -178,6 +178,9 @@ class SVDParams(MethodParams):
 class SVD(Distiller):
     name = "svd"
     Params = SVDParams
+    reference = ("Lee, Kim, Song, ECCV 2018; RepDistiller distiller_zoo/KDSVD.py @ b84f547 (RBF width 8, squared "
+                 "differences summed / B) and the authors' TF sseung0703/SSKD_SVD nets/Distillation.py, train.py @ "
+                 "59184b4 (gradient clipping by ‖∇CE‖·sigmoid(epoch)); their TF loss is ½·Σ·√k, summed over the batch")
     space = {
         "dfv": Choice((1, 2, 4, 8)),
         "kernel_width": FloatRange(1.0, 32.0, log=True),

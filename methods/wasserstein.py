@@ -83,6 +83,9 @@ class WassersteinParams(MethodParams):
 class Wasserstein(Distiller):
     name = "wasserstein"
     Params = WassersteinParams
+    reference = ("kdarena's own seed method, no published reference code: a WGAN-GP critic (Gulrajani et al., "
+                 "NeurIPS 2017; λ_gp 10, Adam betas 0.5, 0.9, 5 critic steps) on a 1×1 conv+BN adapted student map "
+                 "against the teacher's pre-activation map")
     space = {
         "critic_iters": Choice((1, 2, 3, 5, 10)),
         "adv_weight": FloatRange(1e-3, 1.0, log=True),
