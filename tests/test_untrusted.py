@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from kdarena.search.cli import app
@@ -368,14 +369,21 @@ def test_sweep_name_that_is_a_path_is_refused_before_anything_is_written(cache_e
 
 @settings(max_examples=100, deadline=None)
 @given(name=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z"))
+@example(name="a..b")
+@example(name="v1.2_final-run")
+@example(name="x" * 100)
 def test_every_accepted_sweep_name_stays_inside_its_storage(name):
     from kdarena.search.records import sweep_paths
     from kdarena.search.sweep_config import parse_sweep
 
-    try:
-        sweep = parse_sweep(_sweep_doc(name), "fuzz")
-    except UserError:
-        return  # refused names write nothing
+    # the README's rule: letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 (all the
+    # regex allows), and no '..' anywhere; a name within it is accepted, not merely never misused
+    if ".." in name:
+        with pytest.raises(UserError, match="name"):
+            parse_sweep(_sweep_doc(name), "fuzz")
+        return
+    sweep = parse_sweep(_sweep_doc(name), "fuzz")
+    assert sweep.name == name
     storage = Path("/srv/kdarena-storage")
     root = sweep_paths(sweep, str(storage)).root
     assert root.parent == storage and root.name == name and name not in (".", "..")
@@ -421,9 +429,15 @@ def test_experiment_name_that_looks_like_a_path_writes_nothing_outside(migrated_
     assert result.exit_code == 0, result.output
     assert not (work / "../../../escape").resolve().exists()
     assert not [p for p in tmp_path.rglob("*escape*")]
-    allowed = (tmp_path / "mlflow.db", tmp_path / "mlartifacts", migrated_store, tmp_path / "a")
-    assert all(p == a or a in p.parents for p in tmp_path.rglob("*") for a in allowed if p == a or a in p.parents)
-    assert {p.name for p in tmp_path.iterdir()} <= {a.name for a in allowed}
+    # everything written is in the store (the database and the artifacts beside it) or the teacher cache; the
+    # working folder stays empty
+    stores = (tmp_path / "mlflow.db", tmp_path / "mlartifacts", migrated_store)
+    stray = [p for p in tmp_path.rglob("*") if p not in (tmp_path / "a", work)
+             and not any(p == s or s in p.parents for s in stores)]
+    assert not stray, stray
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(json.loads(result.stdout)["run_id"])
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert tmp_path / "mlartifacts" in artifacts.parents and (artifacts / "student.pt").is_file()
 
 
 # -- dataset archives
