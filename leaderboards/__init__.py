@@ -11,19 +11,24 @@ Data files (reported figures, never reproduced by kdarena):
   published: ``macs`` for the RepDistiller/DKD students (methods.md's
   student costs at 32×32, 100 classes), ``flops`` and ``params`` as the SVD
   paper prints them (its own FLOPs convention), ``params`` for the MLPs.
-  ``method`` uses kdarena's names where one maps (``baseline`` = student
-  alone / "S", ``kd``, ``fitnets``, ``at``, ``fsp``, ``svd``,
-  ``adversarial``); others keep theirs (``crd``, ``dkd``); ``teacher`` rows
+  ``method`` uses kdarena's method names (``baseline`` = student alone /
+  "S", ``kd``, ``fitnets``, ``at``, ``fsp``, ``svd``, ``adversarial``,
+  ``crd``, ``dkd``, ``dist``, ``ctkd``, ``mlkd``, ``reviewkd``); ``variant``
+  ``logit_std`` marks a method run with logit standardisation; ``teacher`` rows
   are the teacher network itself; ``student-initial`` is the pre-trained
   student the MLP study starts from. ``teacher``/``student`` use kdarena zoo
   names where the network is the zoo's (``resnet20``, ``mobilenetv2_half`` =
   RepDistiller's "MobileNetV2"), the paper's names otherwise.
 - ``sources.yaml`` — each ``source`` string's full citation and tables.
 
-Covered: every table of ../shared/references.md (RepDistiller same- and
-cross-architecture, DKD, the SVD paper's CIFAR-100 table, schedule figures
-and Tiny-ImageNet/ImageNet-50 line, the MLP soft-target/adversarial table,
-Hinton's MNIST figures) and the CIFAR-100 table of ../shared/methods.md.
+Covered (sources.yaml names each publication and the public page read):
+RepDistiller's same- and cross-architecture CIFAR-100 tables (teacher,
+student alone, KD, FitNet, AT, FSP, CRD), DKD on CIFAR-100 and ImageNet
+(mdistiller README), DIST on CIFAR-100 and ImageNet, ReviewKD on ImageNet,
+logit standardisation with KD, CTKD, DKD and MLKD (and CTKD, MLKD without
+it) on CIFAR-100, the SVD paper's CIFAR-100 table, schedule figures and
+Tiny-ImageNet/ImageNet-50 line, the MLP soft-target/adversarial table and
+Hinton's MNIST figures.
 
 ``kdarena leaderboard --export leaderboards/`` writes one Markdown file per
 dataset here (``digits.md``, ...), our ranking followed by these rows.

@@ -130,9 +130,16 @@ def test_reference_data_is_complete_and_in_range():
     keys = [(r["dataset"], r["teacher"], r["student"], r["method"], r["variant"], r["table"]) for r in rows]
     assert len(keys) == len(set(keys))
     per_table = pd.Series([r["table"] for r in rows]).value_counts().to_dict()
-    assert per_table == {"repdistiller-teachers": 6, "repdistiller-same-arch": 25, "repdistiller-cross-arch": 30,
-                         "mdistiller-dkd": 4, "svd-cifar100": 14, "svd-schedule": 2, "svd-larger-data": 8,
+    assert per_table == {"repdistiller-teachers": 6, "repdistiller-same-arch": 30, "repdistiller-cross-arch": 30,
+                         "mdistiller-dkd": 5, "mdistiller-dkd-cross-arch": 5, "mdistiller-dkd-imagenet": 2,
+                         "dist-cifar100": 5, "dist-imagenet": 4, "reviewkd-imagenet": 2,
+                         "logit-std-same-arch": 30, "logit-std-cross-arch": 18,
+                         "svd-cifar100": 14, "svd-schedule": 2, "svd-larger-data": 8,
                          "mlp-soft-adversarial": 15, "hinton-mnist": 3}
+    assert {r["variant"] for r in rows if r["table"].startswith("logit-std")} == {"", "logit_std"}
+    for name, source in sources.items():  # public pages only: no path on anyone's machine
+        assert all(u.startswith("https://") for u in source.get("urls", [])), name
+    assert "/work/" not in str(sources) and "shared/" not in str(sources)
 
 
 def test_reference_data_spot_checks():
@@ -153,11 +160,30 @@ def test_reference_data_spot_checks():
     adv = one(dataset="svhn", method="adversarial")
     assert adv["test_errors"] == 8659 and adv["test_size"] == 26032
     assert one(table="hinton-mnist", method="kd")["test_errors"] == 74
+    # the newer methods, each as its README prints it
+    assert one(table="repdistiller-same-arch", student="resnet8x4", method="crd")["test_acc"] == pytest.approx(0.7551)
+    assert one(table="mdistiller-dkd", teacher="resnet110", method="dkd")["test_acc"] == pytest.approx(0.7411)
+    assert one(table="mdistiller-dkd-cross-arch", teacher="resnet32x4", student="shufflenetv2")["test_acc"] \
+        == pytest.approx(0.7707)
+    dist = one(table="dist-cifar100", student="resnet8x4")
+    assert dist["method"] == "dist" and dist["test_acc"] == pytest.approx(0.7631) and "± 0.19" in dist["note"]
+    assert one(dataset="imagenet", table="dist-imagenet", method="dist")["test_acc"] == pytest.approx(0.7207)
+    assert one(dataset="imagenet", table="reviewkd-imagenet", method="reviewkd")["test_acc"] == pytest.approx(0.7161)
+    assert one(dataset="imagenet", table="mdistiller-dkd-imagenet", method="dkd")["test_acc"] == pytest.approx(0.7170)
+    mlkd_ls = one(table="logit-std-same-arch", student="resnet8x4", method="mlkd", variant="logit_std")
+    assert mlkd_ls["test_acc"] == pytest.approx(0.7828)
+    assert mlkd_ls["key_hparams"] == "logit_std=True base_temperature=2 kd_weight=9"
+    assert one(table="logit-std-same-arch", student="resnet8x4", method="mlkd", variant="")["test_acc"] \
+        == pytest.approx(0.7708)
+    assert one(table="logit-std-same-arch", student="resnet8x4", method="kd", variant="logit_std")["test_acc"] \
+        == pytest.approx(0.7662)
+    assert one(table="logit-std-cross-arch", teacher="ResNet50", method="kd")["key_hparams"].endswith("kd_weight=1")
 
 
 def test_reference_rows_are_flagged_and_never_ranked():
     refs = q.reference_rows("cifar100")
-    assert len(refs) == 6 + 25 + 30 + 4 + 14 + 2  # RepDistiller teachers, both tables, DKD, the SVD table, schedules
+    # RepDistiller teachers and both tables, DKD (same, cross), DIST, logit standardisation (same, cross), SVD, schedules
+    assert len(refs) == 6 + 30 + 30 + 5 + 5 + 5 + 30 + 18 + 14 + 2
     assert set(refs["dataset"]) == {"cifar100"}
     assert refs["source"].str.startswith("reported (not reproduced): ").all()
     assert refs["reported"].all() and not refs["pareto"].any()
