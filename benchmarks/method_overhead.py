@@ -1,12 +1,19 @@
 """Per method, the train-step time of a CIFAR-sized pair divided by baseline's, on this machine's CPU.
 
-resnet56 -> resnet20 at 32×32, 100 classes, batch 64, each method with its
-defaults, every step through the engine's own `train_step`. Methods are
-timed in interleaved rounds (each round times every method once), so a
+resnet56 -> resnet20 at 32×32, 100 classes, batch 64, every registered
+method with its defaults. Each step runs as the engine runs it: the batch
+comes from the engine's own `BatchLoader` over a synthetic uint8 training
+split (normalised, with the strong view a method asks for), its `StepInfo`
+carries the batch's split indices where the method wants them, and the
+step is the engine's `train_step`; so the time includes what a method's
+batch costs to make (MLKD's strong view) and its memory bank (CRD's, sized
+for CIFAR-100's 50,000 training images by default, `--num-train`). Methods
+are timed in interleaved rounds (each round times every method once), so a
 load change on a shared machine hits them alike; the figure per method is
-its median over rounds.
+its median over rounds. baseline and kd are always timed: the table's
+ratios are to them.
 
-    python -m benchmarks.method_overhead [--rounds 5] [--steps 3] [--batch-size 64]
+    python -m benchmarks.method_overhead [--rounds 5] [--steps 3] [--batch-size 64] [--methods crd mlkd] [--quick]
 """
 
 from __future__ import annotations
@@ -14,13 +21,32 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
-from kdarena.methods import METHODS, PairInfo, StepInfo
+from kdarena.methods import METHODS, Distiller, PairInfo, StepInfo
 from kdarena.methods.engine import build_optimizer, train_step
 from kdarena.methods.recipe import Recipe
+from kdarena.zoo.data import Batch, BatchLoader, Split
 from kdarena.zoo.models import build_model, stage_shapes
+
+# the engine's view of the run: epoch 10 of 100 is past adversaries' warm-up, and two-stage methods
+# (fsp's default) are in their distillation stage, the one that costs more than baseline
+EPOCH, EPOCHS, STEPS_PER_EPOCH = 10, 100, 100
+
+
+def steps(method: type[Distiller], split: Split, batch_size: int, seed: int) -> Iterator[tuple[Batch, StepInfo]]:
+    """Endless (batch, StepInfo) as `engine.fit` makes them for this method: shuffled, strong view, indices."""
+    loader = BatchLoader(split, batch_size=batch_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), shuffle=True,
+                         seed=seed, strong=method.strong_view)
+    i = 0
+    while True:
+        loader.set_epoch(i)
+        for batch in loader.batches():
+            yield batch, StepInfo(EPOCH, EPOCHS, EPOCH * STEPS_PER_EPOCH + i, STEPS_PER_EPOCH,
+                                  indices=batch.indices if method.wants_indices else None, strong_images=batch.strong)
+        i += 1
 
 
 def main() -> None:
@@ -30,35 +56,53 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-train", type=int, default=50_000,
+                        help="training-split size a memory bank is built for (CIFAR-100: 50,000)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                        help="only these (baseline and kd are always timed); default every registered method")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 1 round of 1 step at batch 16 (overrides --rounds/--steps/--batch-size)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.batch_size = 1, 1, 16
+    names = list(dict.fromkeys(["baseline", "kd", *(args.methods or METHODS)]))
 
     torch.manual_seed(0)
     teacher = build_model(args.teacher, num_classes=100, in_channels=3, input_size=32).eval()
-    images = torch.randn(args.batch_size, 3, 32, 32)
-    labels = torch.randint(0, 100, (args.batch_size,))
+    # a few batches of random pixels: every step sees a fresh batch, as in training
+    n = 4 * args.batch_size
+    split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 100, (n,)))
     runs = {}
-    for name, method in METHODS.items():
+    for name in names:
+        method = METHODS[name]
         student = build_model(args.student, num_classes=100, in_channels=3, input_size=32)
-        pair = PairInfo(stage_shapes(student, 3, 32), stage_shapes(teacher, 3, 32), 100, 3, 32)
+        pair = PairInfo(stage_shapes(student, 3, 32), stage_shapes(teacher, 3, 32), 100, 3, 32,
+                        num_train=max(n, args.num_train))
+        why = method.check_pair(method.Params(), pair)
+        if why is not None:
+            print(f"{name}: skipped, {why}")
+            continue
         distiller = method(student, teacher if method.needs_teacher else None, method.Params(), pair)
         optimizer = build_optimizer(distiller.student_optimizer_parameters(), Recipe())
-        # epoch 10 of 100: past adversaries' warm-up; two-stage methods (fsp's default) in their
-        # distillation stage, which is the one that costs more than baseline
-        step = StepInfo(epoch=10, total_epochs=100, step=1000, steps_per_epoch=100)
-        train_step(distiller, optimizer, images, labels, step)  # warm-up (and discriminator warm-up)
-        runs[name] = (distiller, optimizer, step)
+        batches = steps(method, split, args.batch_size, seed=0)
+        batch, step = next(batches)
+        distiller.train()
+        train_step(distiller, optimizer, batch.images, batch.labels, step)  # warm-up (and discriminator warm-up)
+        runs[name] = (distiller, optimizer, batches)
 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
-        for name, (distiller, optimizer, step) in runs.items():
+        for name, (distiller, optimizer, batches) in runs.items():
             start = time.perf_counter()
             for _ in range(args.steps):
-                train_step(distiller, optimizer, images, labels, step)
+                batch, step = next(batches)
+                train_step(distiller, optimizer, batch.images, batch.labels, step)
             times[name].append((time.perf_counter() - start) / args.steps)
 
     base = statistics.median(times["baseline"])
     kd = statistics.median(times["kd"])
-    print(f"{args.teacher} -> {args.student}, 32x32, batch {args.batch_size}, CPU threads {torch.get_num_threads()}")
+    print(f"{args.teacher} -> {args.student}, 32x32, batch {args.batch_size}, CPU threads {torch.get_num_threads()}, "
+          f"{args.rounds} rounds of {args.steps} steps")
     print("| method | ms per step | vs baseline | vs kd |")
     print("|---|---|---|---|")
     for name, values in times.items():
