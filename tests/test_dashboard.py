@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 import kdarena.dashboard
 from kdarena.dashboard import queries
 from kdarena.dashboard.views import QUICKSTART
-from kdarena.dashboard.views.charts import leaderboard_figure, method_colours
+from kdarena.dashboard.views.charts import MIN_FANOVA_TRIALS, leaderboard_figure, method_colours
 from kdarena.search.cli import app as cli
 from kdarena.search.config import parse_config
 from kdarena.methods import METHODS
@@ -181,9 +181,34 @@ def test_sweeps_page_shows_history_importances_and_failed_trials(swept_app: AppT
         _ok(at)
         kinds = {t.type for i in range(len(at.get("plotly_chart"))) for t in _chart(at, i).data}
         assert "parcoords" in kinds
-        if method == "kd":  # three scored trials with differing values: importances are computed
-            assert any("fANOVA" in c.value or "Spearman" in c.value for c in at.caption)
+        if method == "kd":  # three scored trials with differing values: too few for fANOVA's forest, so Spearman
+            (how,) = [c.value for c in at.caption if "scored trials" in c.value]
+            scored = trials[(trials["method"] == "kd") & trials["val_acc"].notna()]
+            assert len(scored) < MIN_FANOVA_TRIALS
+            assert how.startswith(f"|Spearman ρ| with val_acc over {len(scored)} scored trials"), how
             assert "bar" in kinds
+
+
+def _importance_trials(n: int) -> pd.DataFrame:
+    """n scored kd trials whose val_acc follows the temperature alone; alpha is noise."""
+    rng = np.random.default_rng(n)
+    temperature, alpha = rng.uniform(1, 20, n), rng.uniform(0, 1, n)
+    return pd.DataFrame({"val_acc": 0.5 + 0.02 * temperature, "method": "kd",
+                         "searched": [{"kd/temperature": float(t), "kd/alpha": float(a)}
+                                      for t, a in zip(temperature, alpha)]})
+
+
+def test_importances_are_fanova_from_enough_trials_and_spearman_below():
+    """README: fANOVA over the trials, |Spearman ρ| when there are too few, and the caption says which."""
+    from kdarena.dashboard.views.charts import param_importances
+
+    few, how = param_importances(_importance_trials(MIN_FANOVA_TRIALS - 1))
+    assert how == f"|Spearman ρ| with val_acc over {MIN_FANOVA_TRIALS - 1} scored trials"
+    assert few["temperature"] == pytest.approx(1.0)  # val_acc rises with it, rank for rank
+    many, how = param_importances(_importance_trials(MIN_FANOVA_TRIALS))
+    assert how == f"fANOVA (Optuna) over {MIN_FANOVA_TRIALS} scored trials"
+    # fANOVA's importances are shares of the variance: they sum to 1, and the temperature explains nearly all
+    assert many.sum() == pytest.approx(1.0) and many["temperature"] > 0.8 > many["alpha"]
 
 
 @pytest.fixture()

@@ -5,8 +5,9 @@ random forest of 32 trees over the trials) computed from the MLflow trial runs: 
 trial becomes an Optuna `FrozenTrial` (`optuna.trial.create_trial`) with the
 searched values as its params and its last val_acc as its value, which is
 the value Optuna itself recorded (an ASHA-stopped trial is COMPLETE with its
-partial score). With too few trials for a forest, the absolute Spearman
-correlation with val_acc stands in, and the caption says so.
+partial score). With too few trials for a forest (fewer than
+`MIN_FANOVA_TRIALS` scored ones), or when the forest cannot be fitted, the
+absolute Spearman correlation with val_acc stands in, and the caption says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ COSTS = {  # `by` -> (column, axis title)
     "params": ("params", "parameters (deployed student, log scale)"),
     "latency": ("latency_ms", "latency, ms (CPU, batch 1, log scale)"),
 }
+# below this many scored trials a forest of fANOVA's trees splits a handful of points: its importances are noise
+MIN_FANOVA_TRIALS = 10
 STATUS_STYLE = {  # status -> (marker symbol, description)
     "completed": ("circle", "completed (full budget)"),
     "early-stopped": ("diamond-open", "early-stopped by ASHA"),
@@ -212,12 +215,16 @@ def param_importances(trials: pd.DataFrame) -> tuple[pd.Series, str]:
     if table.empty:
         return pd.Series(dtype=float), "no searched parameter is shared by all scored trials"
     values = _num(scored["val_acc"]).to_numpy(dtype=float)
-    try:
-        return _fanova(table, values), f"fANOVA (Optuna) over {len(scored)} scored trials"
-    except Exception:  # too few or too uniform trials for a forest: a plainer measure
-        ranks = table.apply(lambda col: col.astype("category").cat.codes if col.dtype == object else col)
-        rho = ranks.corrwith(pd.Series(values, index=table.index), method="spearman").abs().fillna(0.0)
-        return rho.sort_values(ascending=False), f"|Spearman ρ| with val_acc over {len(scored)} scored trials"
+    if len(scored) >= MIN_FANOVA_TRIALS:
+        try:
+            return _fanova(table, values), f"fANOVA (Optuna) over {len(scored)} scored trials"
+        except Exception:  # too uniform trials for a forest: the plainer measure below
+            pass
+    # too few trials for a forest (or it could not be fitted): a plainer measure
+    # categorical values (the student, a choice) as category codes; pandas may hold strings as object or as str
+    ranks = table.apply(lambda col: col if pd.api.types.is_numeric_dtype(col) else col.astype(str).astype("category").cat.codes)
+    rho = ranks.corrwith(pd.Series(values, index=table.index), method="spearman").abs().fillna(0.0)
+    return rho.sort_values(ascending=False), f"|Spearman ρ| with val_acc over {len(scored)} scored trials"
 
 
 def _fanova(table: pd.DataFrame, values: np.ndarray) -> pd.Series:
