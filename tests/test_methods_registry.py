@@ -51,3 +51,12 @@ def test_check_pair_serves_the_default_digits_cnn_pair_or_says_why_in_one_line(n
     mlp = digits_pair(digits_model("mlp", 0, hidden=[16]), digits_model("cnn", 0, channels=8))
     why = cls.check_pair(cls.Params(), mlp)
     assert why is None or (isinstance(why, str) and why.strip() and "\n" not in why), f"{name}: {why!r}"
+
+
+def test_the_all_methods_sweep_lists_every_registered_method():
+    from kdarena.search.sweep_config import load_sweep
+    from kdarena.sweeps import preset_path
+
+    sweep, _ = load_sweep(preset_path("all-methods"))
+    assert list(sweep.methods) == list(METHODS), "add the new method to sweeps/all-methods.yaml"
+    assert sweep.dataset.name == "digits" and len(sweep.students) == 1 and sweep.final.seeds == 0
