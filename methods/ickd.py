@@ -1,5 +1,7 @@
-"""Inter-channel correlation KD (Liu et al., "Exploring Inter-Channel Correlation for
-Diversity-Preserved Knowledge Distillation", ICCV 2021), ICKD-C.
+"""Inter-channel correlation KD, ICKD-C (Liu et al., ICCV 2021).
+
+"Exploring Inter-Channel Correlation for Diversity-Preserved Knowledge
+Distillation".
 
 The student is taught how the teacher's channels correlate with each other,
 not the values of its maps. Per distilled stage pair, a training-only
