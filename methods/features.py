@@ -2,7 +2,10 @@
 
 Methods name stages by index into the model's `stages` list (negative
 indices count from the last), never by attribute; these helpers pair a
-student stage with a teacher stage and bring two maps to one size.
+student stage with a teacher stage and bring two maps to one size. The
+helpers several methods share live here too: `promote` and `full_precision`
+(losses never computed below float32) and `pooled_embedding` (a stage as
+one vector per sample).
 """
 
 from __future__ import annotations
