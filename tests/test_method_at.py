@@ -85,9 +85,21 @@ def test_total_is_ce_plus_half_beta_at_with_gradients_to_the_student_only():
     x, y = _batch()
     logits, losses = d.forward_train(x, y, None)
     assert set(losses) == {"loss_ce", "loss_at"}
-    unweighted = d.pop_diagnostics()["at_loss"]
-    assert math.isfinite(unweighted) and unweighted > 0
-    assert _f(losses["loss_at"]) == pytest.approx(150.0 * unweighted, rel=1e-5)
+    # L_AT by hand from the models' own feature maps: per pair, the larger map average-pooled to the smaller's
+    # H×W, Q = vec(mean_c |F|^p) / ‖·‖₂ per sample, mean over batch and positions of (Q_s − Q_t)², summed over pairs
+    with torch.no_grad():
+        fs, ft = student.forward_stages(x).stages, teacher.forward_stages(x).stages
+        hand = 0.0
+        for si, ti in d.pairs:
+            a, b = fs[si], ft[ti]
+            size = min(a.shape[-2:], b.shape[-2:], key=lambda hw: hw[0] * hw[1])
+            a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+            qa, qb = (m.abs().pow(4).mean(dim=1).reshape(len(m), -1) for m in (a, b))
+            qa, qb = qa / qa.norm(dim=1, keepdim=True), qb / qb.norm(dim=1, keepdim=True)
+            hand += float(((qa - qb) ** 2).sum() / qa.numel())
+    assert hand > 0
+    assert _f(losses["loss_at"]) == pytest.approx(300.0 / 2 * hand, rel=1e-5)
+    assert d.pop_diagnostics()["at_loss"] == pytest.approx(hand, rel=1e-5)  # the diagnostic is the unweighted L_AT
     assert _f(losses["loss_ce"]) == pytest.approx(_f(F.cross_entropy(logits, y)), rel=1e-6)
 
     sum(losses.values()).backward()

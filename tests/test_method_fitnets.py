@@ -74,9 +74,18 @@ def test_one_stage_loss_is_ce_kd_and_weighted_hint_with_gradients_to_student_and
     logits, losses = d.forward_train(x, y, None)
     assert set(losses) == {"loss_ce", "loss_kd", "loss_hint"}
     assert all(math.isfinite(_f(v)) for v in losses.values())
+    # L_hint by hand: ½·mean over every element of (F_t^h − r(F_s^g))², the regressor applied to the student's
+    # guided stage (the same batch statistics in train mode, so the same values as inside forward_train)
+    with torch.no_grad():
+        guided = student.forward_stages(x).stages[d.student_stage]
+        target = teacher.forward_stages(x).stages[d.teacher_stage]
+        pred = d.regressor(guided)
+        assert pred.shape == target.shape
+        hand = 0.5 * float(((target - pred) ** 2).sum()) / target.numel()
+    assert hand > 0
+    assert _f(losses["loss_hint"]) == pytest.approx(10.0 * hand, rel=1e-5)
     diag = d.pop_diagnostics()
-    assert diag["stage"] == 1
-    assert _f(losses["loss_hint"]) == pytest.approx(10.0 * diag["hint_loss"], rel=1e-5)
+    assert diag["stage"] == 1 and diag["hint_loss"] == pytest.approx(hand, rel=1e-5)
 
     sum(losses.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
