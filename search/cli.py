@@ -109,8 +109,13 @@ def sweep(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials at once; default cluster CPUs / resources.cpu")] = None,
     final_seeds: Annotated[int | None, typer.Option(min=0, help="re-run each method's best config on N seeds (overrides final.seeds)")] = None,
+    rebuild_records: Annotated[bool, typer.Option("--rebuild-records", help="with --resume: rebuild a damaged records.json from MLflow and Ray's saved state")] = False,
 ) -> None:
-    """Search every method's space with Optuna under Ray Tune (ASHA early stopping), recorded in MLflow."""
+    """Search every method's space with Optuna under Ray Tune (ASHA early stopping), recorded in MLflow.
+
+    Exit codes: 0 done; 1 done, but some method's final mean stands on fewer seeds than planned; 2 bad input
+    (nothing run); 130 stopped by Ctrl-C, 143 by SIGTERM (state saved: --resume continues).
+    """
     from .sweep_config import load_sweep
 
     try:
@@ -127,14 +132,24 @@ def sweep(
         total = cfg.trials_for() * len(cfg.methods) + seeds * len(cfg.methods)
         with SweepView(err, total, enabled=err.is_terminal) as view:
             outcome = run_sweep(cfg, raw, address=address, resume=resume, storage=storage, tracking_uri=tracking_uri,
-                                max_concurrent=max_concurrent, view=view, final_seeds=final_seeds)
+                                max_concurrent=max_concurrent, view=view, final_seeds=final_seeds,
+                                rebuild_records=rebuild_records)
     except UserError as exc:
         _fail(exc)
     except KeyboardInterrupt:
+        from .signals import stopped_by_sigterm
+
         again = f"kdarena sweep {'--preset ' + preset if preset else file} --resume"
-        err.print(f"interrupted: finished trials are kept; `{again}` continues the sweep", highlight=False)
-        raise typer.Exit(130) from None
+        how = "stopped by SIGTERM" if stopped_by_sigterm() else "interrupted"
+        err.print(f"{how}: finished trials are kept; `{again}` continues the sweep", highlight=False)
+        raise typer.Exit(143 if stopped_by_sigterm() else 130) from None
     _print_sweep_summary(cfg, outcome)
+    missing = outcome.missing_finals()
+    if missing:
+        err.print("fewer final seeds than planned: " + ", ".join(f"{m} {n} of {outcome.final_seeds}"
+                                                                 for m, n in missing.items())
+                  + " (the others diverged or failed; the Sweeps page of `kdarena dashboard` shows why)", highlight=False)
+        raise typer.Exit(1)
 
 
 def _print_sweep_summary(cfg, outcome) -> None:
@@ -147,7 +162,8 @@ def _print_sweep_summary(cfg, outcome) -> None:
     for method, record in ranked:
         m = record["metrics"]
         final = outcome.finals.get(method)
-        final_text = f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f} ({final['n']} seeds)" if final else "—"
+        of = f" of {outcome.final_seeds}" if final and final["n"] < outcome.final_seeds else ""
+        final_text = f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f} ({final['n']}{of} seeds)" if final else "—"
         table.add_row(method, record["tags"].get("kdarena.student_label", ""), _pct(m.get("val_acc")),
                       _pct(m.get("test_acc")), final_text, f"{int(m.get('macs', 0)):,}", key_params(record, limit=6))
     out.print(table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -44,7 +45,12 @@ class PerMethodSearch(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.owner:
-            self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+            try:
+                self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+            except UpdateFinishedTrialError:
+                # a resumed sweep replays a trial that finished after Ray last saved its state; its Optuna trial
+                # already holds the outcome (the replay recomputes the same values)
+                pass
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.owner:

@@ -9,10 +9,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdarena.zoo.errors import UserError
+
 from .sweep_config import SweepConfig
 
 RECORDS_FILE = "records.json"
 SWEEP_FILE = "sweep.yaml"
+
+
+class DamagedRecords(UserError):
+    """records.json cannot be read: cut short, overwritten, not JSON, or not a sweep's records."""
+
+
+def read_records(path: Path) -> dict[str, Any]:
+    """A sweep's records, or DamagedRecords naming the file and the way to rebuild it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("trials"), dict):
+            raise ValueError("not a sweep's records (no trials)")
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DamagedRecords(
+            f"{path} is damaged ({reason}); rebuild it from MLflow and Ray's saved state with "
+            f"`kdarena sweep SWEEP_FILE --resume --rebuild-records` (the damaged file is kept beside it)") from None
+    return data
 
 
 class SweepRecords:
@@ -23,7 +43,7 @@ class SweepRecords:
     def __init__(self, path: Path):
         self.path = path
         self.lock = threading.RLock()  # the driver's thread and the MLflow mirror's share the records
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"parent_run_id": None, "trials": {}}
+        self.data: dict[str, Any] = read_records(path) if path.exists() else {"parent_run_id": None, "trials": {}}
 
     @classmethod
     def open(cls, path: Path) -> SweepRecords:

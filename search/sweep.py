@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,11 @@ from kdarena.methods.engine import pick_device
 from kdarena.methods.space import Choice, Dimension, IntRange
 from kdarena.zoo.errors import UserError
 
+from .checkpoints import prune, repair
+from .driver_lock import driver_lock
+from .rebuild import rebuild
+from .signals import sigterm_as_ctrl_c
+from . import ray_reaper
 from .per_method import PerMethodASHA, PerMethodSearch
 from kdarena.training.identity import dataset_tags, identity
 from kdarena.training.record import Role, Tag
@@ -119,7 +125,11 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         # Ray starts workers at nice 15, so every burst of the driver or Ray's own daemons preempts a trial:
         # its epochs ran 5-10 % slower than the same loop at nice 0. Here the trials are the work.
         local = {"num_cpus": num_cpus, "_system_config": {"worker_niceness": 0}}
-        ray.init(address=address, **kwargs) if address else ray.init(**local, **kwargs)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            context = ray.init(**local, **kwargs)
+            ray_reaper.start(context.address_info["session_dir"])  # no Ray process outlives a killed driver
     except (ConnectionError, RuntimeError, ValueError) as exc:
         hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
                 "(or ~/.ray/auth_token)")
@@ -173,20 +183,43 @@ class SweepOutcome:
     tracking_uri: str
     best: dict[str, dict[str, Any]]  # method -> record of its best full-budget trial
     finals: dict[str, dict[str, Any]]  # method -> {"mean", "std", "n", "test_accs"}
+    final_seeds: int = 0  # planned per method
+
+    def missing_finals(self) -> dict[str, int]:
+        """Methods whose final mean stands on fewer seeds than planned (diverged or failed seeds): method -> n."""
+        if not self.final_seeds:
+            return {}
+        return {m: self.finals.get(m, {}).get("n", 0) for m in self.best
+                if self.finals.get(m, {}).get("n", 0) < self.final_seeds}
 
 
 def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resume: bool = False,
               storage: str | None = None, tracking_uri: str | None = None, max_concurrent: int | None = None,
               num_cpus: int | None = None, view: Callable[[str, str, dict[str, Any]], None] | None = None,
-              callbacks: Callbacks | None = None, final_seeds: int | None = None) -> SweepOutcome:
+              callbacks: Callbacks | None = None, final_seeds: int | None = None,
+              rebuild_records: bool = False) -> SweepOutcome:
+    """Run (or, with `resume`, continue) a sweep; one driver per sweep directory, SIGTERM handled as Ctrl-C."""
     uri = resolve_tracking_uri(tracking_uri or sweep.tracking_uri)
     paths = sweep_paths(sweep, storage)
+    with driver_lock(paths.root, say=lambda text: print(text, file=sys.stderr, flush=True)):
+        return _run_sweep(sweep, raw, paths, uri, address=address, resume=resume, max_concurrent=max_concurrent,
+                          num_cpus=num_cpus, view=view, callbacks=callbacks, final_seeds=final_seeds,
+                          rebuild_records=rebuild_records)
+
+
+def _run_sweep(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, *, address: str | None, resume: bool,
+               max_concurrent: int | None, num_cpus: int | None, view, callbacks: Callbacks | None,
+               final_seeds: int | None, rebuild_records: bool) -> SweepOutcome:
     check_storage(paths, resume)
     if resume:
         saved = yaml.safe_load((paths.root / SWEEP_FILE).read_text())
         if SweepConfig.model_validate(saved) != sweep:
             raise UserError(f"the sweep file changed since {paths.root} was started; resume with the same file, "
                             "or give the changed sweep a new name")
+    if rebuild_records:
+        if not resume:
+            raise UserError("--rebuild-records rebuilds a sweep's records.json to continue it: use it with --resume")
+        print(rebuild(paths, sweep, Describe(sweep.model_dump(mode="json")), uri), file=sys.stderr, flush=True)
     data = load_config_dataset(sweep.dataset)
     ident = identity(data, sweep.dataset.root)
     if resume:
@@ -195,6 +228,14 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
     cache_dir = teacher_cache_dir(sweep.cache_dir)
     check_writable(cache_dir)
     connect_ray(address, num_cpus)
+    with sigterm_as_ctrl_c():
+        return _sweep_work(sweep, raw, paths, uri, data, ident, cache_dir, max_concurrent=max_concurrent, view=view,
+                           callbacks=callbacks, final_seeds=final_seeds, resume=resume)
+
+
+def _sweep_work(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data, ident: dict[str, Any], cache_dir,
+                *, max_concurrent: int | None, view, callbacks: Callbacks | None, final_seeds: int | None,
+                resume: bool) -> SweepOutcome:
     cpus, _ = check_resources(sweep)
     concurrency = max_concurrent or sweep.max_concurrent or max(1, int(cpus // sweep.resources.cpu))
 
@@ -255,7 +296,7 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
             mirror.warn(f"{waiting} trial(s) are not in MLflow yet: they wait in {paths.records}; "
                         f"`kdarena sync {paths.root}` sends them once the tracking server is back")
         LIVE_VIEWS.pop(str(paths.records), None)
-    return SweepOutcome(paths, parent_id, uri, best, finals)
+    return SweepOutcome(paths, parent_id, uri, best, finals, seeds)
 
 
 def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experiment_id: str, concurrency: int,
@@ -263,7 +304,7 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
     """All methods' studies in one Tune experiment (`ray/search`), resumable from its directory."""
     experiment_dir = paths.ray / "search"
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
-        tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+        _restore(experiment_dir, trainable, paths)
         _drop_lost_trials("trial", worker)
         _fail_stale_optuna_trials(paths, sweep.methods)
         _raise_if_interrupted(paths, "trial", sweep.trials_for() * len(sweep.methods))
@@ -280,10 +321,11 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
             metric=metric, mode=mode, study_name=method, storage=storage, seed=sweep.seed, sampler=sampler)
     quota = sweep.trials_for()
     b = sweep.budget
-    scheduler = PerMethodASHA(list(sweep.methods), time_attr="training_iteration", metric="val_acc", mode="max",
+    # the trial's own epoch, not Tune's iteration count: a trial restarted from an older checkpoint re-reports epochs
+    scheduler = PerMethodASHA(list(sweep.methods), time_attr="epoch", metric="val_acc", mode="max",
                               max_t=b.epochs, grace_period=b.grace_period if b.early_stopping else b.epochs,
                               reduction_factor=b.reduction_factor)
-    recorder = MLflowRecorder(uri, experiment_id, paths.records, "trial", Describe(sweep_doc))
+    recorder = MLflowRecorder(uri, experiment_id, paths.records, "trial", Describe(sweep_doc), experiment_dir)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=PerMethodSearch(searchers, quota, metric, mode), scheduler=scheduler,
@@ -292,7 +334,16 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
         run_config=_run_config("search", paths, recorder),
     )
     tuner.fit()
+    prune(experiment_dir)
     _raise_if_interrupted(paths, "trial", quota * len(searchers))
+
+
+def _restore(experiment_dir, trainable, paths: SweepPaths) -> None:
+    """Continue a Tune experiment from its saved state, every checkpoint that state names put back first."""
+    for line in repair(experiment_dir):
+        notify(paths.records, line)
+    tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+    prune(experiment_dir)
 
 
 def _raise_if_interrupted(paths: SweepPaths, phase: str, planned: int) -> None:
@@ -342,7 +393,8 @@ def _fail_stale_optuna_trials(paths: SweepPaths, methods) -> None:
 def _run_config(name: str, paths: SweepPaths, recorder: MLflowRecorder) -> tune.RunConfig:
     return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=[recorder, JsonLoggerCallback()], verbose=0,
                           failure_config=tune.FailureConfig(max_failures=2),
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+                          # every checkpoint kept by Tune; the recorder prunes the ones its saved state no longer names
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
 
 
 def best_trials(records: SweepRecords, epochs: int, phase: str = "trial") -> dict[str, dict[str, Any]]:
@@ -366,7 +418,7 @@ def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int,
     experiment_dir = paths.ray / "final"
     planned = seeds * len(best)
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
-        tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+        _restore(experiment_dir, trainable, paths)
         _drop_lost_trials("final", worker)
     else:
         points = []
@@ -377,7 +429,7 @@ def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int,
                 points.append(record["trial_config"] | {"seed": base_seed + i})
         if not points:
             return {}
-        recorder = MLflowRecorder(uri, experiment_id, paths.records, "final", Describe(sweep_doc))
+        recorder = MLflowRecorder(uri, experiment_id, paths.records, "final", Describe(sweep_doc), experiment_dir)
         tuner = tune.Tuner(
             trainable,
             param_space={"point": tune.grid_search(points)},
@@ -385,6 +437,7 @@ def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int,
             run_config=_run_config("final", paths, recorder),
         )
         tuner.fit()
+        prune(experiment_dir)
     _raise_if_interrupted(paths, "final", planned)
     return final_stats(SweepRecords.open(paths.records))
 

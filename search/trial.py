@@ -61,7 +61,9 @@ def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Datase
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
-            shutil.copy(Path(folder) / CHECKPOINT_FILE, ckpt_path)
+            saved = Path(folder) / CHECKPOINT_FILE
+            if saved.exists():  # an empty checkpoint: the driver found it missing on storage; start from scratch
+                shutil.copy(saved, ckpt_path)
 
     epochs = cfg.train.epochs
 

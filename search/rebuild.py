@@ -1,0 +1,183 @@
+"""A damaged records.json rebuilt from MLflow and Ray's own files (`kdarena sweep FILE --resume --rebuild-records`).
+
+records.json maps each trial to its MLflow run and holds its epochs; when
+it is cut short or overwritten, the same facts are still in two places:
+MLflow (each trial's run, found by its trial key under the sweep's parent
+run: status, epochs with their timestamps, final scores) and Ray Tune's
+experiment folders (each trial's config in `params.json`, every reported
+result in `result.json`, its checkpoints, and the saved state's status).
+MLflow's epochs keep their recorded timestamps, so the mirror never logs
+them twice; Ray's results fill in whatever never reached MLflow. The
+damaged file is kept beside the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mlflow.tracking import MlflowClient
+
+from kdarena.training.record import Metric, Role, Status, Tag
+from kdarena.zoo.errors import UserError
+
+from .checkpoints import saved_trials
+from .mirror import PER_EPOCH, TRACKING_ERRORS, new_trial_record
+from .records import SweepPaths, SweepRecords
+from .sweep_config import SweepConfig
+
+PHASE_DIRS = {"trial": "search", "final": "final"}
+FINAL_METRICS = (Metric.VAL_ACC, Metric.TEST_ACC, Metric.PARAMS, Metric.MACS, Metric.FLOPS, Metric.LATENCY_MS,
+                 Metric.EXTRA_PARAMS)
+
+
+def rebuild(paths: SweepPaths, sweep: SweepConfig, describe: Callable[[dict[str, Any]], tuple[dict, dict]],
+            uri: str) -> str:
+    """Write a new records.json for the sweep at `paths`; return one line saying what it holds."""
+    client = MlflowClient(uri)
+    try:
+        parent, runs = _mlflow_runs(client, sweep)
+    except TRACKING_ERRORS as exc:
+        raise UserError(f"cannot rebuild {paths.records}: MLflow at {uri} is unreachable "
+                        f"({str(exc).splitlines()[0][:120]}); start the tracking server or pass --tracking-uri") from None
+    trials: dict[str, dict[str, Any]] = {}
+    from_ray = 0
+    for phase, folder in PHASE_DIRS.items():
+        experiment_dir = paths.ray / folder
+        states = {t.trial_id: t.status for t in saved_trials(experiment_dir) or []}
+        for trial_dir in sorted(experiment_dir.glob("run_trial_*")):
+            record = _from_ray(trial_dir, phase, states, describe)
+            if record is None:
+                continue
+            run = runs.pop(record["key"], None)
+            if run is not None:
+                _merge_mlflow(record, client, run)
+            else:
+                from_ray += 1
+            trials[record["key"]] = record
+    if parent is None and not trials:
+        raise UserError(f"cannot rebuild {paths.records}: neither MLflow ({uri}) nor {paths.ray} holds any trial of "
+                        f"sweep '{sweep.name}'; start the sweep afresh under another name")
+    data = {"parent_run_id": parent.info.run_id if parent else None, "trials": trials, "tracking_uri": uri,
+            "experiment_id": parent.info.experiment_id if parent else None, "status": None,
+            "rebuilt": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if parent is not None:
+        tags, metrics = parent.data.tags, parent.data.metrics
+        if Tag.TEACHER_SHA256 in tags:
+            data["teacher"] = {"sha256": tags[Tag.TEACHER_SHA256], "key": None, "val_acc": None,
+                               "test_acc": metrics.get(Metric.TEACHER_TEST_ACC)}
+        if Tag.DATASET_FINGERPRINT in tags:
+            data["dataset"] = {"name": tags.get(Tag.DATASET), "label": tags.get(Tag.DATASET_LABEL),
+                               "fingerprint": tags[Tag.DATASET_FINGERPRINT], "root": None}
+    if paths.records.exists():
+        os.replace(paths.records, paths.records.with_name(f"{paths.records.name}.damaged-{int(time.time())}"))
+    tmp = paths.records.with_name(paths.records.name + ".partial")
+    tmp.write_text(json.dumps(data, separators=(",", ":")))
+    os.replace(tmp, paths.records)
+    SweepRecords._open.pop(str(paths.records.resolve()), None)  # the next open reads the new file
+    return (f"rebuilt {paths.records}: {len(trials)} trials ({len(trials) - from_ray} with their MLflow runs, "
+            f"{from_ray} only in Ray's files)")
+
+
+def _mlflow_runs(client: MlflowClient, sweep: SweepConfig):
+    """The sweep's newest parent run and its child runs by trial key."""
+    experiment = client.get_experiment_by_name(sweep.experiment)
+    if experiment is None:
+        return None, {}
+    parents = client.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                                 filter_string=f"tags.`{Tag.SWEEP}` = '{sweep.name}' and tags.`{Role.TAG}` = "
+                                               f"'{Role.SWEEP}'")
+    if not parents:
+        return None, {}
+    parent = parents[0]
+    runs: dict[str, Any] = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment.experiment_id], max_results=1000, page_token=token,
+                                  filter_string=f"tags.`{Tag.PARENT}` = '{parent.info.run_id}'")
+        for run in page:
+            key = run.data.tags.get(Tag.TRIAL_KEY)
+            if key and key not in runs:
+                runs[key] = run
+        token = page.token
+        if not token:
+            return parent, runs
+
+
+def _results(trial_dir: Path) -> list[dict[str, Any]]:
+    results = []
+    try:
+        lines = (trial_dir / "result.json").read_text().splitlines()
+    except OSError:
+        return results
+    for line in lines:
+        try:
+            results.append(json.loads(line))
+        except ValueError:  # a last line cut short by the kill
+            break
+    return results
+
+
+def _from_ray(trial_dir: Path, phase: str, states: dict[str, str], describe) -> dict[str, Any] | None:
+    try:
+        config = json.loads((trial_dir / "params.json").read_text())
+    except (OSError, ValueError):
+        return None
+    trial_id = trial_dir.name.removeprefix("run_trial_").split("_")[0]
+    point = config.get("point", config)
+    resolved, tags = describe(config)
+    record = new_trial_record(f"{phase}/{trial_id}", f"run_trial_{trial_id}", phase, point, resolved, tags)
+    results = _results(trial_dir)
+    for r in results:
+        if r.get("status") == Status.DIVERGED or "epoch" not in r:
+            continue
+        metrics = {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and (k in PER_EPOCH or k.startswith((Metric.LOSS_PREFIX, Metric.DIAG_PREFIX)))}
+        record["history"] = [h for h in record["history"] if h["epoch"] < int(r["epoch"])]
+        record["history"].append({"epoch": int(r["epoch"]), "ts_ms": int(r.get("timestamp", time.time()) * 1000),
+                                  "metrics": metrics})
+    last = results[-1] if results else {}
+    record["last_result"] = {k: v for k, v in last.items() if isinstance(v, (int, float, str))
+                             and not isinstance(v, bool)}
+    record["started"] = results[0]["timestamp"] if results and "timestamp" in results[0] else time.time()
+    state = states.get(trial_id)
+    outcome = last.get("status")
+    if state == "TERMINATED":
+        record["status"] = outcome if outcome in (Status.COMPLETED, Status.DIVERGED) else Status.EARLY_STOPPED
+    elif state == "ERROR":
+        record["status"] = Status.FAILED
+    if record["status"] in Status.FINISHED:
+        record["reason"] = last.get("reason")
+        record["metrics"] = {k: last[k] for k in FINAL_METRICS if k in last
+                             and (k != Metric.TEST_ACC or record["status"] == Status.COMPLETED)}
+        record["metrics"][Metric.EPOCHS_COMPLETED] = max((h["epoch"] for h in record["history"]), default=0)
+    checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+    record["checkpoint"] = str(checkpoints[-1]) if checkpoints else None
+    return record
+
+
+def _merge_mlflow(record: dict[str, Any], client: MlflowClient, run) -> None:
+    """What MLflow has of the trial wins: its run, its statuses, and each epoch under the timestamp it was logged with."""
+    record.update(run_id=run.info.run_id, run_ready=True, create_attempted=True,
+                  started=run.info.start_time / 1000 if run.info.start_time else record["started"])
+    logged: dict[int, dict[str, Any]] = {}
+    for key in run.data.metrics:
+        if key not in PER_EPOCH and not key.startswith((Metric.LOSS_PREFIX, Metric.DIAG_PREFIX)):
+            continue
+        for m in client.get_metric_history(run.info.run_id, key):
+            entry = logged.setdefault(m.step, {"epoch": m.step, "ts_ms": m.timestamp, "metrics": {}})
+            entry["metrics"][key] = m.value
+    if logged:
+        kept = [h for h in record["history"] if h["epoch"] not in logged]
+        record["history"] = sorted(kept + list(logged.values()), key=lambda h: h["epoch"])
+        record["synced_epochs"] = max(logged)
+    status = run.data.tags.get(Tag.STATUS)
+    if status in Status.FINISHED:
+        record["status"] = status
+        record["reason"] = run.data.tags.get(Tag.REASON)
+        record["metrics"] = {k: v for k, v in run.data.metrics.items() if k in FINAL_METRICS + (Metric.EPOCHS_COMPLETED,)}
+        record["synced_final"] = True
+        record["finished_ts_ms"] = run.info.end_time
