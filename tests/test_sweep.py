@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -109,8 +110,21 @@ def test_mlflow_has_parent_and_one_child_per_trial_with_prefixed_params(small_sw
         history = client.get_metric_history(run.info.run_id, "val_acc")
         steps = [m.step for m in history]
         assert steps == sorted(set(steps)) and steps[0] == 1  # one value per epoch, none twice
+        # per epoch too: train_acc and the learning rate, one value each, on the same steps as val_acc
+        train_acc = client.get_metric_history(run.info.run_id, "train_acc")
+        lrs = client.get_metric_history(run.info.run_id, "lr")
+        assert [m.step for m in train_acc] == steps and [m.step for m in lrs] == steps
+        assert all(0.0 <= m.value <= 1.0 for m in train_acc)
+        # the rate the cosine schedule (no warm-up) sets at the end of each epoch, from the trial's own lr
+        peak, epochs = float(run.data.params["train.lr"]), int(run.data.params["train.epochs"])
+        assert [m.value for m in lrs] == pytest.approx(
+            [peak * 0.5 * (1 + math.cos(math.pi * m.step / epochs)) for m in lrs], rel=1e-6, abs=1e-12)
         assert run.data.tags["kdarena.status"] in ("completed", "early-stopped")
         assert run.data.metrics["epochs_completed"] == len(steps)
+    # the sweep file given is the parent run's artifact sweep.yaml
+    assert "sweep.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifact = Path(client.download_artifacts(parent.info.run_id, "sweep.yaml", str(work / "parent-artifact")))
+    assert yaml.safe_load(artifact.read_text()) == yaml.safe_load((work / "small.yaml").read_text()) == SMALL
     # the teacher was trained once, as its own run, before any trial
     assert sum(r.data.tags.get("kdarena.role") == "teacher" for r in runs) == 1
     # the best student's weights: in the parent run and in its own trial's run, loadable into its model
@@ -140,6 +154,28 @@ def test_final_runs_repeat_each_best_config_on_seeds(small_sweep):
         assert r["config"]["train"]["lr"] == best["config"]["train"]["lr"]
         if r["config"]["train"]["seed"] == 0:  # the trial's own seed reproduces the trial
             assert r["metrics"]["test_acc"] == pytest.approx(best["metrics"]["test_acc"], abs=1e-9)
+
+
+def test_a_finished_sweep_run_again_without_resume_is_refused_and_changes_nothing(small_sweep, monkeypatch):
+    work, first = small_sweep
+    assert first.exit_code == 0, first.output
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("KDARENA_CACHE", str(work / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    root = work / "kdarena-sweeps" / "small"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+
+    def store_state():
+        runs = client.search_runs([client.get_experiment_by_name("kdarena").experiment_id], max_results=1000)
+        return (sorted((r.info.run_id, r.info.status, len(r.data.metrics), len(r.data.params)) for r in runs),
+                (root / "records.json").read_bytes())
+
+    before = store_state()
+    again = CliRunner().invoke(app, ["sweep", "small.yaml"])
+    assert again.exit_code == 2, again.output
+    (line,) = again.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "--resume" in line and "'small'" in line
+    assert store_state() == before  # no run, no metric, no record added or changed
 
 
 def test_export_round_trip_reproduces_test_accuracy(small_sweep, monkeypatch):
