@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+import kdarena.search.cli
 from kdarena.search.cli import app
 
 FAST = ["--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"]
@@ -37,7 +38,15 @@ def _runs(tmp_path: Path):
     return client, client.search_runs([e.experiment_id for e in exps]) if exps else []
 
 
+def _source_commit() -> str | None:
+    """HEAD of the git checkout kdarena runs from; None when it is not run from one."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(kdarena.search.cli.__file__).resolve().parent,
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def test_train_kd_prints_json_and_records_everything(cache_env, tmp_path):
+    commit_before = _source_commit()
     result = _train("--json", *FAST)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -59,6 +68,20 @@ def test_train_kd_prints_json_and_records_everything(cache_env, tmp_path):
     assert run.data.metrics["test_acc"] == pytest.approx(summary["test_acc"])
     history = client.get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2]
+    # per epoch also train_acc and the learning rate: the cosine schedule's rate at each epoch's end (0 at the last)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_acc")] == [1, 2]
+    assert all(0 <= m.value <= 1 for m in client.get_metric_history(run.info.run_id, "train_acc"))
+    lrs = sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in lrs] == [(1, pytest.approx(0.05 * 0.5)), (2, pytest.approx(0.0, abs=1e-12))]
+    # the best epoch's val_acc, as the JSON says
+    assert run.data.metrics["best_val_acc"] == pytest.approx(max(m.value for m in history))
+    assert summary["best_val_acc"] == pytest.approx(run.data.metrics["best_val_acc"])
+    # run from a git checkout: the commit of the source that trained it (HEAD before or after: others may commit)
+    commits = {commit_before, _source_commit()} - {None}
+    if commits:
+        assert run.data.tags["kdarena.git_commit"] in commits
+    else:  # not a checkout: no commit to name, and none made up
+        assert "kdarena.git_commit" not in run.data.tags
     assert {"train_loss_ce", "train_loss_kd"} <= set(run.data.metrics)
     assert run.data.tags["kdarena.teacher_sha256"] == summary["teacher_sha256"]
     assert run.data.tags["kdarena.status"] == "completed"
@@ -71,6 +94,20 @@ def test_train_kd_prints_json_and_records_everything(cache_env, tmp_path):
     assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == summary["params"]
     # the teacher was trained and recorded once, as its own run
     assert sum(r.data.tags.get("kdarena.role") == "teacher" for r in runs) == 1
+
+
+def test_best_val_acc_is_the_best_epoch_not_the_last(migrated_store, tmp_path):
+    # a constant rate of 1.0: on digits this run's val_acc jumps at epoch 2 and falls back at epoch 3 (~65 % → ~55 %)
+    result = _train("--json", "--set", "method.name=baseline", "--set", "train.lr=1.0", "--set",
+                    "train.schedule=constant", "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    client, _ = _runs(tmp_path)
+    run = client.get_run(summary["run_id"])
+    val = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)]
+    assert len(val) == 3 and max(val) > val[-1], f"this run no longer peaks before its last epoch: {val}"
+    assert run.data.metrics["best_val_acc"] == pytest.approx(max(val)) == summary["best_val_acc"]
+    assert run.data.metrics["final_val_acc"] == pytest.approx(val[-1]) == summary["val_acc"]
 
 
 def test_teacher_store_reuses_and_rejects_tampered_file(cache_env, tmp_path):
