@@ -1,0 +1,286 @@
+"""The sweep driver under the stops real jobs meet: a second driver, SIGTERM, kill -9 during the final runs, files
+lost or damaged underneath. Real `kdarena sweep` processes, real signals, a real local Ray, MLflow and Optuna."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from kdarena.search.checkpoints import prune, repair, saved_trials
+
+KDARENA = str(Path(sys.executable).parent / "kdarena")
+
+TINY = {
+    "name": "stops",
+    "dataset": {"name": "digits"},
+    "teacher": {"arch": "cnn", "options": {"channels": 8}, "recipe": {"epochs": 2}},
+    "students": [{"arch": "cnn", "options": {"channels": 4}}],
+    "methods": {"baseline": {}, "kd": {}},
+    # every trial runs its full budget: the planned count of completed trials is exact
+    "budget": {"trials_per_method": 2, "epochs": 8, "early_stopping": False, "chance_patience": None},
+    "final": {"seeds": 3},
+    "max_concurrent": 2,
+}
+
+
+def _env(tmp_path: Path) -> dict:
+    return os.environ | {"KDARENA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+                         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([KDARENA, "sweep", *args], cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _records(root: Path) -> dict:
+    try:
+        return json.loads((root / "records.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return {"trials": {}}
+
+
+def _wait_for(proc: subprocess.Popen, root: Path, ready, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready(_records(root)["trials"].values()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _running(phase: str, min_epochs: int = 1):
+    return lambda trials: any(r["phase"] == phase and r["status"] == "running" and len(r["history"]) >= min_epochs
+                              for r in trials)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Processes still in the killed driver's process group: every Ray process it started is in it."""
+    out = subprocess.run(["ps", "-eo", "pid=,pgid="], capture_output=True, text=True).stdout.split()
+    return [int(p) for p, g in zip(out[::2], out[1::2]) if int(g) == pgid]
+
+
+def _finish(tmp_path: Path, sweep_file: Path, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([KDARENA, "sweep", str(sweep_file), "--resume"], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def _child_runs(tmp_path: Path) -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdarena")
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("kdarena.role") in ("trial", "final")]
+
+
+def _assert_complete_and_unduplicated(tmp_path: Path, root: Path) -> dict:
+    trials = _records(root)["trials"]
+    search = [r for r in trials.values() if r["phase"] == "trial"]
+    finals = [r for r in trials.values() if r["phase"] == "final"]
+    assert len(search) == 4 and all(r["status"] == "completed" for r in search), [r["status"] for r in search]
+    assert sorted((r["method"], r["config"]["train"]["seed"]) for r in finals) == sorted(
+        (m, s) for m in ("baseline", "kd") for s in (0, 1, 2)), "every final seed of every method, once"
+    assert all(r["status"] == "completed" for r in finals)
+    runs = _child_runs(tmp_path)
+    assert sorted(r.info.run_id for r in runs) == sorted(r["run_id"] for r in trials.values()), "one run per trial"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == list(range(1, 9)), (run.info.run_name, steps)
+    return trials
+
+
+@pytest.mark.slow
+def test_sigterm_and_kill_9_anywhere_lose_no_trial_and_no_final_seed(tmp_path):
+    sweep_file = tmp_path / "stops.yaml"
+    sweep_file.write_text(yaml.safe_dump(TINY))
+    root = tmp_path / "kdarena-sweeps" / "stops"
+
+    # SIGTERM mid-search: a clean stop, exit 143, the way to resume on one line
+    proc = _start(tmp_path, str(sweep_file))
+    _wait_for(proc, root, lambda t: sum(r["status"] == "completed" for r in t) >= 1 and _running("trial", 2)(t),
+              "a finished trial and a running one")
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert not _group_alive(proc.pid), "nothing of the stopped driver's Ray is left"
+
+    before = _records(root)["trials"]
+    interrupted = {k: len(r["history"]) for k, r in before.items() if r["status"] == "running" and r["history"]}
+    assert interrupted
+
+    # a checkpoint Tune's saved state names, lost underneath: the trial restarts from an older one (or from
+    # scratch) and says so, instead of failing
+    lost = [t for t in saved_trials(root / "ray" / "search") if t.status != "TERMINATED" and t.checkpoint]
+    assert lost
+    shutil.rmtree(lost[0].folder / lost[0].checkpoint)
+
+    # a trial the killed driver had started but Ray's saved state never knew: dropped on resume, its MLflow run
+    # deleted and its Optuna trial marked FAIL, so the sweep keeps its planned count
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    records = json.loads((root / "records.json").read_text())
+    ghost_key = "trial/ghost000"
+    template = next(iter(records["trials"].values()))
+    ghost_run = client.create_run(records["experiment_id"], tags={"kdarena.role": "trial", "kdarena.trial_key": ghost_key,
+                                                                  "mlflow.parentRunId": records["parent_run_id"]})
+    records["trials"][ghost_key] = template | {"key": ghost_key, "status": "running", "run_id": ghost_run.info.run_id,
+                                                "history": [], "metrics": {}}
+    (root / "records.json").write_text(json.dumps(records))
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(root / "optuna-kd.journal")))
+    ghost_trial = optuna.load_study(study_name="kd", storage=journal).ask()
+
+    # resume, then SIGTERM again once the final runs are under way
+    proc = _start(tmp_path, str(sweep_file), "--resume")
+    _wait_for(proc, root, _running("final", 1), "a final run under way", timeout=400)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert f"trial {lost[0].trial_id}: {lost[0].checkpoint} is missing from storage" in err
+
+    after = _records(root)["trials"]
+    assert ghost_key not in after and ghost_key in _records(root)["lost_trials"]
+    assert client.get_run(ghost_run.info.run_id).info.lifecycle_stage == "deleted"
+    assert journal.get_trial(ghost_trial._trial_id).state == optuna.trial.TrialState.FAIL
+    # the trials interrupted by the first stop resumed from their checkpoints: their first epoch after the
+    # resume was the one after their last, not epoch 1 (Ray's own log of each trial's reports)
+    for key, epochs in interrupted.items():
+        if key.split("/")[1] == lost[0].trial_id:
+            continue
+        [folder] = (root / "ray" / "search").glob(f"run_trial_{key.split('/')[1]}_*")
+        reports = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        resumed = [r for r in reports if r.get("iterations_since_restore") == 1 and r["epoch"] > 1]
+        assert resumed and resumed[0]["epoch"] <= epochs + 1, (key, epochs, [r["epoch"] for r in reports])
+
+    # kill -9 at several points across the final runs: every resume goes on, no Ray process of a killed driver
+    # outlives it for more than a few seconds
+    for delay in (0.5, 2.0, 4.0):
+        proc = _start(tmp_path, str(sweep_file), "--resume")
+        _wait_for(proc, root, _running("final", 0), "the final runs to resume", timeout=400)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break  # the finals ended first: the sweep is done
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        deadline = time.time() + 15
+        while _group_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _group_alive(proc.pid), "Ray processes of the killed driver are still running"
+
+    done = _finish(tmp_path, sweep_file)
+    assert "fewer final seeds" not in done.stderr
+    _assert_complete_and_unduplicated(tmp_path, root)
+    for method in ("baseline", "kd"):
+        study = optuna.load_study(study_name=method, storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(root / f"optuna-{method}.journal"))))
+        assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+@pytest.mark.slow
+def test_two_drivers_on_one_sweep_one_is_refused_and_every_trial_runs_once(tmp_path):
+    doc = TINY | {"name": "twice", "budget": {"trials_per_method": 2, "epochs": 3, "early_stopping": False},
+                  "final": {"seeds": 1}}
+    sweep_file = tmp_path / "twice.yaml"
+    sweep_file.write_text(yaml.safe_dump(doc))
+    first = _start(tmp_path, str(sweep_file))
+    time.sleep(1.0)  # a double-submitted job: the second start a second later
+    second = _start(tmp_path, str(sweep_file))
+    _, err2 = second.communicate(timeout=300)
+    _, err1 = first.communicate(timeout=600)
+    assert first.returncode == 0, err1[-3000:]
+    assert second.returncode == 2, err2[-3000:]
+    assert f"is being run by pid {first.pid}" in err2 and "one driver per sweep" in err2
+    assert err2.count("\n") == 1, "one line"
+    root = tmp_path / "kdarena-sweeps" / "twice"
+    trials = _records(root)["trials"]
+    assert len(trials) == 2 * 2 + 2
+    assert len(_child_runs(tmp_path)) == len(trials)
+    # --resume is refused as well while the first one runs; afterwards it finds a finished sweep
+    again = subprocess.run([KDARENA, "sweep", str(sweep_file)], cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_a_held_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    from kdarena.search.driver_lock import LOCK_FILE, driver_lock
+    from kdarena.zoo.errors import UserError
+
+    root = tmp_path / "s"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from kdarena.search.driver_lock import driver_lock\n"
+        f"with driver_lock(Path({str(root)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=f"pid {holder.pid} on host .*one driver per sweep"):
+        with driver_lock(root):
+            pass
+    holder.kill()  # kill -9: no chance to clean up; the kernel drops its lock
+    holder.wait()
+    said = []
+    with driver_lock(root, say=said.append):
+        assert json.loads((root / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert said == [f"taking over sweep 's' from driver pid {holder.pid}, which ended without releasing it"]
+    # a sweep refused before it wrote anything leaves no folder behind
+    fresh = tmp_path / "never"
+    with pytest.raises(RuntimeError):
+        with driver_lock(fresh):
+            raise RuntimeError("refused")
+    assert not fresh.exists()
+
+
+def _state(folder: Path, trials: list[tuple[str, str, str | None]]) -> None:
+    """An experiment state file as Ray Tune writes it (the fields kdarena reads)."""
+    data = [[json.dumps({"trial_id": tid, "status": status, "relative_logdir": f"run_trial_{tid}_x"}),
+             json.dumps({"last_result": {"checkpoint_dir_name": ckpt} if ckpt else {}})] for tid, status, ckpt in trials]
+    (folder / "experiment_state-2026.json").write_text(json.dumps({"trial_data": data}))
+
+
+def test_pruning_keeps_every_checkpoint_the_saved_state_may_restore(tmp_path):
+    for tid in ("a", "b", "c"):
+        for i in range(4):
+            (tmp_path / f"run_trial_{tid}_x" / f"checkpoint_00000{i}").mkdir(parents=True)
+    _state(tmp_path, [("a", "RUNNING", "checkpoint_000002"), ("b", "TERMINATED", "checkpoint_000003"),
+                      ("c", "RUNNING", None)])
+    assert prune(tmp_path) == 2 + 3
+
+    def left(tid):
+        return sorted(p.name for p in (tmp_path / f"run_trial_{tid}_x").iterdir())
+
+    assert left("a") == ["checkpoint_000002", "checkpoint_000003"]  # the named one and the newer one
+    assert left("b") == ["checkpoint_000003"]
+    assert len(left("c")) == 4  # the state names none: nothing is known to be safe to delete
+    (tmp_path / "experiment_state-2026.json").write_text('{"trial_data": [')  # being written: prune nothing
+    assert prune(tmp_path) == 0
+
+
+def test_repair_gives_each_unfinished_trial_the_checkpoint_its_state_names(tmp_path):
+    (tmp_path / "run_trial_a_x" / "checkpoint_000001").mkdir(parents=True)
+    (tmp_path / "run_trial_a_x" / "checkpoint_000001" / "trial.pt").write_text("epoch 2")
+    (tmp_path / "run_trial_b_x").mkdir()
+    (tmp_path / "run_trial_c_x").mkdir()
+    _state(tmp_path, [("a", "PAUSED", "checkpoint_000003"), ("b", "RUNNING", "checkpoint_000002"),
+                      ("c", "TERMINATED", "checkpoint_000005")])
+    said = repair(tmp_path)
+    assert (tmp_path / "run_trial_a_x" / "checkpoint_000003" / "trial.pt").read_text() == "epoch 2"
+    assert (tmp_path / "run_trial_b_x" / "checkpoint_000002").is_dir()
+    assert not list((tmp_path / "run_trial_b_x" / "checkpoint_000002").iterdir())  # empty: start from scratch
+    assert not (tmp_path / "run_trial_c_x" / "checkpoint_000005").exists()  # finished trials are not restored
+    assert said == ["trial a: checkpoint_000003 is missing from storage; it resumes from checkpoint_000001 instead",
+                    "trial b: checkpoint_000002 is missing from storage and no older one is there; it starts again "
+                    "from scratch"]
