@@ -47,9 +47,11 @@ def rebuild(paths: SweepPaths, sweep: SweepConfig, describe: Callable[[dict[str,
     from_ray = 0
     for phase, folder in PHASE_DIRS.items():
         experiment_dir = paths.ray / folder
-        states = {t.trial_id: t.status for t in saved_trials(experiment_dir) or []}
+        saved = saved_trials(experiment_dir) or []
+        states = {t.trial_id: t.status for t in saved}
+        ids = {t.folder.name: t.trial_id for t in saved}
         for trial_dir in sorted(experiment_dir.glob("run_trial_*")):
-            record = _from_ray(trial_dir, phase, states, describe)
+            record = _from_ray(trial_dir, phase, states, ids, describe)
             if record is None:
                 continue
             run = runs.pop(record["key"], None)
@@ -121,16 +123,20 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
     return results
 
 
-def _from_ray(trial_dir: Path, phase: str, states: dict[str, str], describe) -> dict[str, Any] | None:
+def _from_ray(trial_dir: Path, phase: str, states: dict[str, str], ids: dict[str, str],
+              describe) -> dict[str, Any] | None:
     try:
         config = json.loads((trial_dir / "params.json").read_text())
     except (OSError, ValueError):
         return None
-    trial_id = trial_dir.name.removeprefix("run_trial_").split("_")[0]
+    results = _results(trial_dir)
+    # Tune's own id of the trial, as its results carry it (ids of grid trials hold an underscore: `1a2b3_00004`)
+    trial_id = next((str(r["trial_id"]) for r in results if "trial_id" in r), ids.get(trial_dir.name))
+    if trial_id is None:  # neither a result nor the saved state: the trial never ran
+        return None
     point = config.get("point", config)
     resolved, tags = describe(config)
     record = new_trial_record(f"{phase}/{trial_id}", f"run_trial_{trial_id}", phase, point, resolved, tags)
-    results = _results(trial_dir)
     for r in results:
         if r.get("status") == Status.DIVERGED or "epoch" not in r:
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -370,3 +371,47 @@ def test_quickstart_preset_runs_every_method(tmp_path):
     assert per_method == dict.fromkeys(["baseline", "kd", "fitnets", "fsp", "svd", "adversarial", "wasserstein", "at"], 6)
     assert all(r["status"] in ("completed", "early-stopped", "diverged") for r in records["trials"].values())
     assert "kdarena export" in proc.stdout
+
+
+def test_a_damaged_records_file_is_one_clear_error_and_rebuilds_from_mlflow_and_ray(small_sweep, tmp_path, monkeypatch):
+    """records.json cut short: export, sync and --resume exit 2 naming the fix; --rebuild-records restores it from
+    MLflow and Ray's files with every trial's own run, and nothing is duplicated."""
+    work, _ = small_sweep
+    for name in ("mlflow.db", "small.yaml"):
+        shutil.copy(work / name, tmp_path / name)
+    shutil.copytree(work / "kdarena-sweeps", tmp_path / "kdarena-sweeps")
+    shutil.copytree(work / "cache", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = tmp_path / "kdarena-sweeps" / "small"
+    original = _records(root)
+    text = (root / "records.json").read_text()
+    (root / "records.json").write_text(text[: len(text) // 2])  # a save cut short
+
+    def runs() -> list[str]:
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        return sorted(r.info.run_id for r in client.search_runs([client.get_experiment_by_name("kdarena").experiment_id],
+                                                                max_results=1000))
+
+    before = runs()
+    for args in (["export", "small"], ["sync", "small"], ["sweep", "small.yaml", "--resume"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "records.json is damaged" in result.stderr and "--rebuild-records" in result.stderr, args
+        assert "Traceback" not in result.output
+    assert runs() == before
+
+    result = CliRunner().invoke(app, ["sweep", "small.yaml", "--resume", "--rebuild-records"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"rebuilt {root / 'records.json'}: 10 trials (10 with their MLflow runs, 0 only in Ray's files)" in result.stderr
+    rebuilt = _records(root)
+    assert {k: r["run_id"] for k, r in rebuilt["trials"].items()} == {k: r["run_id"] for k, r in original["trials"].items()}
+    assert {k: r["status"] for k, r in rebuilt["trials"].items()} == {k: r["status"] for k, r in original["trials"].items()}
+    for key, record in original["trials"].items():
+        assert [h["epoch"] for h in rebuilt["trials"][key]["history"]] == [h["epoch"] for h in record["history"]]
+        assert rebuilt["trials"][key]["metrics"].get("test_acc") == record["metrics"].get("test_acc")
+    assert rebuilt["parent_run_id"] == original["parent_run_id"]
+    assert runs() == before, "no run created twice"
+    assert list(root.glob("records.json.damaged-*"))
+    assert CliRunner().invoke(app, ["export", "small"]).exit_code == 0
