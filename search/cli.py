@@ -454,16 +454,16 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
 
     rows = [{"name": name, "needs_teacher": m.needs_teacher, "defaults": m.Params().model_dump(mode="json"),
              "space": {k: d.to_json() for k, d in (m.space | COMMON_SPACE).items()},
-             "doc": (sys.modules[m.__module__].__doc__ or "").strip().splitlines()[0]}
+             "doc": (sys.modules[m.__module__].__doc__ or "").strip().splitlines()[0], "reference": m.reference}
             for name, m in METHODS.items()]
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("method", "defaults", "search space", "")
+    table = Table("method", "defaults", "search space", "what, and the reference it follows")
     for r in rows:
         space = ", ".join(f"{k} {_dim(d)}" for k, d in r["space"].items())
         defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items()) or "—"
-        table.add_row(r["name"], defaults, space, r["doc"])
+        table.add_row(r["name"], defaults, space, f"{r['doc']}\n{r['reference']}")
     out.print(table)
 
 

@@ -368,7 +368,7 @@ def test_quickstart_preset_runs_every_method(tmp_path):
     records = _records(tmp_path / "kdarena-sweeps" / "quickstart")
     from collections import Counter
     per_method = Counter(r["method"] for r in records["trials"].values())
-    assert per_method == dict.fromkeys(["baseline", "kd", "fitnets", "fsp", "svd", "adversarial", "wasserstein", "at"], 6)
+    assert per_method == dict.fromkeys(["baseline", "kd", "dkd", "dist", "fitnets", "at", "rkd", "crd"], 6)
     assert all(r["status"] in ("completed", "early-stopped", "diverged") for r in records["trials"].values())
     assert "kdarena export" in proc.stdout
 

@@ -253,3 +253,10 @@ def test_models_and_methods_listings():
     assert kd["defaults"] == {"temperature": 4.0, "alpha": 0.9, "logit_std": False}
     assert kd["space"]["temperature"] == {"type": "float", "low": 1.0, "high": 20.0, "log": True}
     assert "lr" in kd["space"] and "weight_decay" in kd["space"]
+    # every registered method, each with the reference it follows
+    from kdarena.methods import METHODS
+    assert [m["name"] for m in methods] == list(METHODS) and len(methods) >= 24
+    assert "Hinton" in kd["reference"]
+    assert all(m["reference"] == METHODS[m["name"]].reference and m["reference"] for m in methods)
+    table = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "300"}).stdout
+    assert "DKD" in table or "Decoupled" in table
