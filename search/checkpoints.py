@@ -9,7 +9,14 @@ left a saved state naming a checkpoint that no longer existed, and the
 resumed trial failed ("Could not recover from checkpoint as it does not
 exist on storage anymore"): a lost final seed. So Tune keeps every
 checkpoint (`num_to_keep=None`), and `prune` deletes only checkpoints older
-than the one the experiment state *on storage* names for each trial.
+than those the experiment state *on storage* may restore each trial from.
+
+Which ones may it restore from? The state names a trial's last result,
+whose `checkpoint_dir_name` is checkpoint k; Tune registers that checkpoint
+as the trial's latest in a separate save step after the result, so a state
+saved in between restores from k − 1. The trial cannot report again before
+that save is registered (Tune holds its next step until then), so the lag is
+never more than one: checkpoints k − 1 and k are kept, older ones go.
 
 `repair` is the second line: if a checkpoint the saved state names is
 missing anyway (files lost underneath), the trial restarts from its newest
@@ -41,7 +48,7 @@ def saved_trials(experiment_dir: Path) -> list[SavedTrial] | None:
     `status`, and its last result's `checkpoint_dir_name`); a file being
     written, or of another layout, reads as None and nothing is pruned.
     """
-    states = sorted(experiment_dir.glob(STATE_GLOB), key=lambda p: p.stat().st_mtime)
+    states = sorted(experiment_dir.glob(STATE_GLOB))  # Tune restores from the greatest name (its timestamp)
     if not states:
         return None
     try:
@@ -57,6 +64,18 @@ def saved_trials(experiment_dir: Path) -> list[SavedTrial] | None:
         return None
 
 
+def _name(index: int) -> str:
+    return f"checkpoint_{index:06d}"
+
+
+def restorable(trial: SavedTrial) -> list[str]:
+    """The checkpoints the saved state may restore `trial` from (see the module docstring), oldest first."""
+    if trial.checkpoint is None:
+        return []
+    index = int(trial.checkpoint.rsplit("_", 1)[1])
+    return [_name(i) for i in (index - 1, index) if i >= 0]
+
+
 def _checkpoints(folder: Path) -> list[Path]:
     # Tune numbers them with zero padding: the names sort in the order they were written
     return sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
@@ -64,13 +83,13 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 def prune(experiment_dir: Path) -> int:
     """Delete each trial's checkpoints older than the one the saved state names; how many were deleted."""
-    trials = saved_trials(experiment_dir)
     deleted = 0
-    for trial in trials or []:
-        if trial.checkpoint is None:  # the state names none (or its last result had none): keep them all
+    for trial in saved_trials(experiment_dir) or []:
+        keep = restorable(trial)
+        if not keep:  # the state names none (or its last result had none): keep them all
             continue
         for old in _checkpoints(trial.folder):
-            if old.name < trial.checkpoint:
+            if old.name < keep[0]:
                 shutil.rmtree(old, ignore_errors=True)
                 deleted += 1
     return deleted
@@ -85,18 +104,19 @@ def repair(experiment_dir: Path) -> list[str]:
     """
     said = []
     for trial in saved_trials(experiment_dir) or []:
-        if trial.status == "TERMINATED" or trial.checkpoint is None:
+        if trial.status == "TERMINATED":
             continue
-        wanted = trial.folder / trial.checkpoint
-        if wanted.exists():
-            continue
-        older = [p for p in _checkpoints(trial.folder) if p.name < trial.checkpoint]
-        if older:
-            shutil.copytree(older[-1], wanted)
-            said.append(f"trial {trial.trial_id}: {trial.checkpoint} is missing from storage; it resumes from "
-                        f"{older[-1].name} instead")
-        else:
-            wanted.mkdir(parents=True)
-            said.append(f"trial {trial.trial_id}: {trial.checkpoint} is missing from storage and no older one is "
-                        "there; it starts again from scratch")
+        for name in restorable(trial):
+            wanted = trial.folder / name
+            if wanted.exists():
+                continue
+            older = [p for p in _checkpoints(trial.folder) if p.name < name and any(p.iterdir())]
+            if older:
+                shutil.copytree(older[-1], wanted)
+                said.append(f"trial {trial.trial_id}: {name} is missing from storage; it resumes from "
+                            f"{older[-1].name} instead")
+            else:
+                wanted.mkdir(parents=True)
+                said.append(f"trial {trial.trial_id}: {name} is missing from storage and no older one is there; "
+                            "it starts again from scratch")
     return said
