@@ -19,6 +19,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from kdarena.training.record import Status
+
 from .checkpoints import prune
 from .mirror import FINISHED, PER_EPOCH, MirrorWorker, add_epoch, epochs_done, mirror_worker, new_trial_record
 from .records import SweepRecords
@@ -114,9 +116,12 @@ class MLflowRecorder(Callback):
             config, tags = self.describe(trial.config)
             record = new_trial_record(key, str(trial), self.phase, trial.config.get("point", trial.config), config, tags)
             self.records.trials[key] = record
+        elif record["status"] == Status.FAILED:  # an errored trial that a resume runs again (resume_errored)
+            record.update(status=Status.RUNNING, reason=None, synced_final=False, metrics={})
+            record.pop("finished_ts_ms", None)
         elif record["status"] in FINISHED:
             return
-        record["status"] = "running"
+        record["status"] = Status.RUNNING
         self._event("start", key, record)
 
     @_holding_records_lock
