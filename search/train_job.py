@@ -114,6 +114,9 @@ def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None =
     data = load_config_dataset(cfg.dataset)
     method = get_method(cfg.method.name)
     build_distiller(cfg, data, None)  # the pair check, before any training or recording
+    # the run and its experiment go through MLflow's fluent API: point it at this URI (not only when a teacher is
+    # resolved), or a run without a teacher lands in whatever store the process used last, or the default one
+    mlflow.set_tracking_uri(tracking_uri)
     with writes_allowed(tracking_uri, cfg.experiment, "record into an experiment of your own: --set experiment=NAME"):
         teacher: StoredTeacher | None = None
         if method.needs_teacher or cfg.teacher.checkpoint:

@@ -196,6 +196,20 @@ def test_bad_input_exits_2_with_one_clear_message(case, cache_env, tmp_path):
     assert not list(cache_env.rglob("*.partial"))
 
 
+@pytest.mark.parametrize("method", ["baseline", "kd"])
+def test_the_run_goes_to_the_tracking_uri_given(method, migrated_store, tmp_path):
+    """--tracking-uri over $MLFLOW_TRACKING_URI, with or without a teacher to resolve (baseline has none)."""
+    other = tmp_path / "other" / "mlflow.db"
+    other.parent.mkdir()
+    result = _train("--json", "--set", f"method.name={method}", "--tracking-uri", f"sqlite:///{other}", *FAST)
+    assert result.exit_code == 0, result.output
+    run = MlflowClient(f"sqlite:///{other}").get_run(json.loads(result.stdout)["run_id"])
+    assert run.data.tags["kdarena.role"] == "train" and run.data.tags["kdarena.method"] == method
+    assert (other.parent / "mlartifacts").is_dir()  # its artifacts beside that store
+    _, runs = _runs(tmp_path)  # $MLFLOW_TRACKING_URI's store got nothing
+    assert runs == [] and not (tmp_path / "mlartifacts").exists()
+
+
 def test_bad_set_override_and_unreachable_tracking_server(cache_env):
     result = _train("--set", "train.epochs")
     assert result.exit_code == 2 and "expected KEY=VALUE" in result.stderr
