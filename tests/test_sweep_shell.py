@@ -38,15 +38,16 @@ SHELL = {
     "teacher": {"arch": "cnn", "options": {"channels": 16}, "recipe": {"epochs": 3}},
     "students": [{"arch": "cnn", "options": {"channels": 4}}],
     "methods": {"kd": {}},
-    # ~0.15 s an epoch on two cores: every trial lasts seconds, so the sweep outlives the server's restart and the
-    # driver's next probe (every 10 s) by a wide margin
-    "budget": {"trials_per_method": 4, "epochs": 30, "early_stopping": False},
+    # 0.1-0.2 s an epoch on two cores: each trial lasts 5-10 s, so after the server goes down the sweep still runs
+    # ~25 s or more, past the server's restart and the driver's next probe (every 10 s: mirror.PROBE_INTERVAL_S,
+    # which nothing lets a test shorten)
+    "budget": {"trials_per_method": 4, "epochs": 50, "early_stopping": False},
     "sampler": "random",
     "seed": 7,
     "resources": {"cpu": 1},  # on the 2-CPU cluster the default concurrency would be 2
     "final": {"seeds": 1},  # the command line asks for 3
 }
-TRIALS, FINAL_SEEDS, EPOCHS = 4, 3, 30
+TRIALS, FINAL_SEEDS, EPOCHS = 4, 3, 50
 BACK = "is back; sending the waiting trial results"  # what the driver's probe says, never its end-of-sweep flush
 FINISHED_LINE = re.compile(r"^(\S+) kd (completed|early-stopped|diverged|failed) val_acc=\d")
 
