@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kdarena.training.identity import dataset_tags, mlflow_dataset
-from kdarena.training.record import Role, Status, Tag
+from kdarena.training.record import Metric as RecordMetric, Role, Status, Tag
 
 from .export import config_yaml, export_config
 from .records import SweepRecords
@@ -41,6 +41,8 @@ PER_EPOCH = {"val_acc", "train_acc", "lr", "epoch_seconds"}
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
 PROBE_INTERVAL_S = 10.0
 EPOCH_SYNC_INTERVAL_S = 5.0
+# the teacher's scores every student run carries, from the sweep's record of its teacher
+TEACHER_SCORES = {RecordMetric.TEACHER_VAL_ACC: "val_acc", RecordMetric.TEACHER_TEST_ACC: "test_acc"}
 # what syncing changes in a trial's record (the rest belongs to the driver's thread)
 SYNC_FIELDS = ("run_id", "run_ready", "synced_epochs", "synced_final", "finished_ts_ms", "create_attempted")
 
@@ -141,9 +143,10 @@ class Mirror:
         self._commit(record, live)  # on disk before the run exists: no run is ever left without its record
         teacher_sha = self.records.data.get("teacher", {}).get("sha256")
         dataset = self.records.data.get("dataset")
+        commit = self.records.data.get("git_commit")
         tags = {PARENT_TAG: parent, Role.TAG: record["phase"], TRIAL_KEY_TAG: record["key"], **record["tags"],
                 **({Tag.TEACHER_SHA256: teacher_sha} if teacher_sha else {}),
-                **(dataset_tags(dataset) if dataset else {})}
+                **(dataset_tags(dataset) if dataset else {}), **({Tag.GIT_COMMIT: commit} if commit else {})}
         run = self.client.create_run(self.experiment_id, run_name=record["trial_name"], tags=tags,
                                      start_time=int(record["started"] * 1000))
         return run.info.run_id
@@ -166,7 +169,9 @@ class Mirror:
     def _finish_run(self, record: dict[str, Any]) -> None:
         ts = record.setdefault("finished_ts_ms", int(time.time() * 1000))
         # val_acc is already there, one value per epoch: its last value is the final one
-        metrics = [Metric(k, float(v), ts, 0) for k, v in record["metrics"].items()
+        teacher = self.records.data.get("teacher") or {}
+        scores = record["metrics"] | {name: teacher.get(key) for name, key in TEACHER_SCORES.items()}
+        metrics = [Metric(k, float(v), ts, 0) for k, v in scores.items()
                    if isinstance(v, (int, float)) and k not in PER_EPOCH]
         tags = [RunTag(Tag.STATUS, record["status"])]
         if record.get("reason"):

@@ -19,7 +19,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from kdarena.training.record import Status
+from kdarena.training.record import Metric, Status
 
 from .checkpoints import prune
 from .mirror import FINISHED, PER_EPOCH, MirrorWorker, add_epoch, epochs_done, mirror_worker, new_trial_record
@@ -151,6 +151,9 @@ class MLflowRecorder(Callback):
         final = {k: last[k] for k in ("val_acc", "test_acc", "params", "macs", "flops", "latency_ms", "extra_params")
                  if k in last and (k != "test_acc" or record["status"] == "completed")}
         final["epochs_completed"] = epochs_done(record)
+        scores = [h["metrics"][Metric.VAL_ACC] for h in record["history"] if Metric.VAL_ACC in h["metrics"]]
+        if scores:
+            final[Metric.BEST_VAL_ACC] = max(scores)
         record["metrics"] = final
         checkpoint = trial.checkpoint  # the last epoch's (one kept per trial)
         record["checkpoint"] = checkpoint.path if checkpoint is not None else None

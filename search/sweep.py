@@ -47,7 +47,7 @@ from .recorder import LIVE_VIEWS, MLflowRecorder, notify
 from .records import SWEEP_FILE, SweepPaths, SweepRecords, sweep_paths
 from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, method_space, trial_config
 from .teacher_store import check_writable
-from .tracking import resolve_tracking_uri, writes_allowed
+from .tracking import resolve_tracking_uri, source_commit, writes_allowed
 from .train_job import (Callbacks, build_distiller, ensure_experiment, load_config_dataset, resolve_teacher,
                         teacher_cache_dir)
 from .trial import run_trial, split_trial_params
@@ -173,7 +173,6 @@ def check_storage(paths: SweepPaths, resume: bool) -> None:
                         "or give the sweep another name")
     if resume and not exists:
         raise UserError(f"nothing to resume: no sweep results in {paths.root}; run without --resume to start it")
-    check_writable(paths.root, "storage", "pass --storage DIR or set storage: in the sweep file")
 
 
 @dataclass
@@ -201,6 +200,8 @@ def run_sweep(sweep: SweepConfig, raw: Any, *, address: str | None = None, resum
     """Run (or, with `resume`, continue) a sweep; one driver per sweep directory, SIGTERM handled as Ctrl-C."""
     uri = resolve_tracking_uri(tracking_uri or sweep.tracking_uri)
     paths = sweep_paths(sweep, storage)
+    # writable and not full before the lock file is written into it: one clear message, not an OSError
+    check_writable(paths.root, "storage", "pass --storage DIR or set storage: in the sweep file")
     with driver_lock(paths.root, say=lambda text: print(text, file=sys.stderr, flush=True)):
         return _run_sweep(sweep, raw, paths, uri, address=address, resume=resume, max_concurrent=max_concurrent,
                           num_cpus=num_cpus, view=view, callbacks=callbacks, final_seeds=final_seeds,
@@ -253,7 +254,8 @@ def _sweep_work(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data,
             records.data["parent_run_id"] = parent.info.run_id
             records.save()
             client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "sweep.yaml")
-    records.data |= {"tracking_uri": uri, "experiment_id": experiment_id, "status": None, "dataset": ident}
+    records.data |= {"tracking_uri": uri, "experiment_id": experiment_id, "status": None, "dataset": ident,
+                     "git_commit": source_commit()}
     records.save()
     parent_id = records.data["parent_run_id"]
     if view is not None:

@@ -105,11 +105,15 @@ def test_killed_worker_retried_from_its_last_checkpoint(faulty):
     assert record["status"] == "completed"
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4]
     assert record["last_result"]["pid"] != faulty["killed_pid"]  # a new worker finished it
-    # Ray's own log of the trial: after the restart it went on from the checkpoint, never from epoch 1 again
+    # Ray's own log of the trial: after the restart it went on from the checkpoint, never from epoch 1 again. A
+    # report that follows a (re)start has iterations_since_restore 1; only the very first may be epoch 1. (Tune
+    # may copy result.json back from storage when the trial restarts, so lines before the kill can be missing.)
     trial_id = faulty["killed_key"].split("/")[1]
     (trial_dir,) = [d for d in (faulty["root"] / "ray" / "search").iterdir() if d.is_dir() and trial_id in d.name]
-    epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
-    assert sorted(epochs) == epochs and epochs[-1] == 4 and epochs.count(1) == 1
+    reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    starts = [r["epoch"] for r in reports if r["iterations_since_restore"] == 1]
+    assert [e for e in starts if e > 1], "the retried trial went on from a checkpoint"
+    assert starts.count(1) <= 1 and reports[-1]["epoch"] == 4
 
 
 def test_sync_refuses_while_the_server_is_down_and_then_sends_everything_once(faulty):

@@ -530,3 +530,18 @@ def test_every_run_of_a_sweep_names_its_data_by_label_fingerprint_and_mlflow_dat
         [inp] = client.get_run(run.info.run_id).inputs.dataset_inputs
         assert (inp.dataset.name, inp.dataset.digest) == ("digits", digits.fingerprint[:36])
     assert set(store["runs"]["dataset_fingerprint"]) == {digits.fingerprint}
+
+
+def test_sweep_runs_carry_best_val_acc_the_teachers_scores_and_the_source_commit(store):
+    """What the README promises of every student run, for a sweep's trial and final runs too."""
+    from kdarena.training.record import Metric, Role, Status, Tag
+
+    client = MlflowClient(store["tracking_uri"])
+    runs = [r for r in store["client_runs"] if r.data.tags.get(Role.TAG) in (Role.TRIAL, Role.FINAL)
+            and r.data.tags.get(Tag.STATUS) == Status.COMPLETED]
+    assert runs
+    for run in runs:
+        history = [m.value for m in client.get_metric_history(run.info.run_id, Metric.VAL_ACC)]
+        assert run.data.metrics[Metric.BEST_VAL_ACC] == max(history)
+        assert 0 < run.data.metrics[Metric.TEACHER_TEST_ACC] <= 1 and 0 < run.data.metrics[Metric.TEACHER_VAL_ACC] <= 1
+        assert len(run.data.tags[Tag.GIT_COMMIT]) == 40

@@ -273,7 +273,10 @@ def test_resume_after_the_driver_is_stopped_loses_nothing_and_duplicates_nothing
     exp = client.get_experiment_by_name("kdarena")
     children = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
                 if r.data.tags.get("kdarena.role") == "trial"]
-    assert sorted(r.info.run_id for r in children) == sorted(r["run_id"] for r in after.values())
+    assert sorted(r.info.run_id for r in children) == sorted(r["run_id"] for r in after.values()), (
+        [(r.info.run_id, r.info.run_name, r.data.tags.get("kdarena.trial_key"), r.data.tags.get("kdarena.status"))
+         for r in children], {k: (r["run_id"], r["status"]) for k, r in after.items()},
+        _records(root).get("lost_trials"))
     for run in children:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == list(range(1, epochs + 1)), (run.info.run_name, steps)
