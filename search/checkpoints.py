@@ -1,26 +1,31 @@
-"""Trial checkpoints on storage: every checkpoint Ray Tune's saved state names stays on disk.
+"""Trial checkpoints on storage: a resumed trial always finds the checkpoint it restores from.
 
-Why kdarena prunes checkpoints itself: Tune's own retention
-(`CheckpointConfig(num_to_keep=K)`) deletes a trial's older checkpoint the
-moment it registers a new one, while the experiment state it saves on
-storage (what `Tuner.restore` reads) is written later, throttled to every
-10 s or more and uploaded in the background. A driver killed in between
-left a saved state naming a checkpoint that no longer existed, and the
+Why a checkpoint could be missing: Ray Tune keeps one checkpoint per trial
+(`CheckpointConfig(num_to_keep=1)`) and deletes the previous one the moment
+it registers a new one, while the experiment state that `Tuner.restore`
+reads is saved after that, and uploaded in the background. A driver killed
+in between leaves a saved state naming a checkpoint that is gone; the
 resumed trial failed ("Could not recover from checkpoint as it does not
-exist on storage anymore"): a lost final seed. So Tune keeps every
-checkpoint (`num_to_keep=None`), and `prune` deletes only checkpoints older
-than those the experiment state *on storage* may restore each trial from.
+exist on storage anymore") and a final seed was lost.
 
-Which ones may it restore from? The state names a trial's last result,
-whose `checkpoint_dir_name` is checkpoint k; Tune registers that checkpoint
-as the trial's latest in a separate save step after the result, so a state
-saved in between restores from k − 1. The trial cannot report again before
-that save is registered (Tune holds its next step until then), so the lag is
-never more than one: checkpoints k − 1 and k are kept, older ones go.
+Why not turn Tune's deletion off: with `num_to_keep=1`, Tune also saves its
+experiment state after every checkpoint (it forces a save once a trial has
+checkpointed `num_to_keep` times since the last one); without it the saved
+state falls 10 s or more behind, and a resume replays finished trials or
+re-runs trials Ray never recorded. So deletion stays, and `repair` runs
+before every restore: each unfinished trial gets the checkpoint its saved
+state will restore it from, as a copy of the trial's newest checkpoint on
+storage — the one Tune wrote after the state was saved, so the trial loses
+nothing — or, with none left, as an empty folder (the trial's trainable
+finds no `trial.pt` there and starts from scratch). Either way it says so,
+and the trial never fails for it.
 
-`repair` is the second line: if a checkpoint the saved state names is
-missing anyway (files lost underneath), the trial restarts from its newest
-older checkpoint, or from scratch, and says so, instead of failing.
+Which checkpoint will the saved state restore from? It names the trial's
+last result, whose `checkpoint_dir_name` is checkpoint k; Tune registers
+that checkpoint in a separate save step after the result, so a state saved
+in between restores from k − 1. The trial cannot report again before that
+save is registered (Tune holds its next step until then), so the lag is one
+at most: both are provided.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_GLOB = "experiment_state-*.json"
+CHECKPOINT_FILE = "trial.pt"  # what a trial's checkpoint folder holds (search/trial.py writes it)
 
 
 @dataclass(frozen=True)
@@ -38,15 +44,15 @@ class SavedTrial:
     trial_id: str
     status: str  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
     folder: Path  # the trial's directory on storage
-    checkpoint: str | None  # the checkpoint folder the saved state restores it from, e.g. checkpoint_000004
+    checkpoint: str | None  # the checkpoint of its last result, e.g. checkpoint_000004
 
 
 def saved_trials(experiment_dir: Path) -> list[SavedTrial] | None:
-    """The trials of the newest experiment state on storage; None when there is none or it cannot be read.
+    """The trials of the experiment state Tune restores from; None when there is none or it cannot be read.
 
     Reads only plain fields of the file (each trial's `relative_logdir` and
     `status`, and its last result's `checkpoint_dir_name`); a file being
-    written, or of another layout, reads as None and nothing is pruned.
+    written, or of another layout, reads as None and nothing is repaired.
     """
     states = sorted(experiment_dir.glob(STATE_GLOB))  # Tune restores from the greatest name (its timestamp)
     if not states:
@@ -64,43 +70,18 @@ def saved_trials(experiment_dir: Path) -> list[SavedTrial] | None:
         return None
 
 
-def _name(index: int) -> str:
-    return f"checkpoint_{index:06d}"
-
-
 def restorable(trial: SavedTrial) -> list[str]:
     """The checkpoints the saved state may restore `trial` from (see the module docstring), oldest first."""
     if trial.checkpoint is None:
         return []
     index = int(trial.checkpoint.rsplit("_", 1)[1])
-    return [_name(i) for i in (index - 1, index) if i >= 0]
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    # Tune numbers them with zero padding: the names sort in the order they were written
-    return sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
-
-
-def prune(experiment_dir: Path) -> int:
-    """Delete each trial's checkpoints older than the one the saved state names; how many were deleted."""
-    deleted = 0
-    for trial in saved_trials(experiment_dir) or []:
-        keep = restorable(trial)
-        if not keep:  # the state names none (or its last result had none): keep them all
-            continue
-        for old in _checkpoints(trial.folder):
-            if old.name < keep[0]:
-                shutil.rmtree(old, ignore_errors=True)
-                deleted += 1
-    return deleted
+    return [f"checkpoint_{i:06d}" for i in (index - 1, index) if i >= 0]
 
 
 def repair(experiment_dir: Path) -> list[str]:
-    """Before a restore: give every unfinished trial the checkpoint its saved state names; say what was done.
+    """Before a restore: every unfinished trial gets the checkpoints its saved state may restore it from.
 
-    A missing checkpoint is replaced by a copy of the trial's newest older
-    one, or by an empty folder (the trial then starts from scratch: its
-    trainable finds no `trial.pt` in it).
+    Returns one line per checkpoint put back, saying what the trial resumes from.
     """
     said = []
     for trial in saved_trials(experiment_dir) or []:
@@ -110,13 +91,14 @@ def repair(experiment_dir: Path) -> list[str]:
             wanted = trial.folder / name
             if wanted.exists():
                 continue
-            older = [p for p in _checkpoints(trial.folder) if p.name < name and any(p.iterdir())]
-            if older:
-                shutil.copytree(older[-1], wanted)
+            # the newest checkpoint that holds a trial's state (never a stand-in made just before)
+            kept = sorted(p for p in trial.folder.glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists())
+            if kept:
+                shutil.copytree(kept[-1], wanted)
                 said.append(f"trial {trial.trial_id}: {name} is missing from storage; it resumes from "
-                            f"{older[-1].name} instead")
+                            f"{kept[-1].name} instead")
             else:
                 wanted.mkdir(parents=True)
-                said.append(f"trial {trial.trial_id}: {name} is missing from storage and no older one is there; "
-                            "it starts again from scratch")
+                said.append(f"trial {trial.trial_id}: {name} is missing from storage and no other checkpoint is "
+                            "there; it starts again from scratch")
     return said

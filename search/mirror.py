@@ -213,7 +213,7 @@ class Mirror:
 
         import torch
 
-        from .trial import CHECKPOINT_FILE
+        from .checkpoints import CHECKPOINT_FILE
 
         best = [self.records.trials[key] for key in self.records.data.get("best", {}).values()]
         for i, record in enumerate(sorted(best, key=lambda r: -r["metrics"]["val_acc"])):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from ray.tune import Callback
 
 from kdarena.training.record import Metric, Status
 
-from .checkpoints import prune
 from .mirror import FINISHED, PER_EPOCH, MirrorWorker, add_epoch, epochs_done, mirror_worker, new_trial_record
 from .records import SweepRecords
 
@@ -29,9 +27,6 @@ from .records import SweepRecords
 def trial_key(phase: str, trial_id: str) -> str:
     return f"{phase}/{trial_id}"
 
-
-# pruning reads Tune's saved experiment state (a file that grows with the trials): now and then, not every epoch
-PRUNE_INTERVAL_S = 10.0
 
 # Live views by records file: Ray pickles callbacks into its experiment state,
 # so a restored sweep gets a fresh recorder that finds the driver's view here.
@@ -65,24 +60,12 @@ class MLflowRecorder(Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, records_path: Path, phase: str,
-                 describe: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, str]]],
-                 experiment_dir: Path | None = None):
+                 describe: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, str]]]):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.records_path = records_path
         self.phase = phase
         self.describe = describe
-        self.experiment_dir = experiment_dir  # where Tune keeps this phase's trials and its saved state
-        self._last_prune = 0.0
-
-    def _prune(self) -> None:
-        """Checkpoints the saved experiment state no longer names, at most every PRUNE_INTERVAL_S."""
-        folder = getattr(self, "experiment_dir", None)  # a recorder pickled by an older kdarena has none
-        now = time.monotonic()
-        if folder is None or now - getattr(self, "_last_prune", 0.0) < PRUNE_INTERVAL_S:
-            return
-        self._last_prune = now
-        prune(folder)
 
     @property
     def records(self) -> SweepRecords:
@@ -138,7 +121,6 @@ class MLflowRecorder(Callback):
             record["outcome"] = result["status"]
             record["reason"] = result.get("reason")
         self._event("result", key, record)
-        self._prune()
 
     @_holding_records_lock
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:

@@ -33,7 +33,7 @@ from kdarena.methods.engine import pick_device
 from kdarena.methods.space import Choice, Dimension, IntRange
 from kdarena.zoo.errors import UserError
 
-from .checkpoints import prune, repair
+from .checkpoints import repair
 from .driver_lock import driver_lock
 from .rebuild import rebuild
 from .signals import sigterm_as_ctrl_c
@@ -327,7 +327,7 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
     scheduler = PerMethodASHA(list(sweep.methods), time_attr="epoch", metric="val_acc", mode="max",
                               max_t=b.epochs, grace_period=b.grace_period if b.early_stopping else b.epochs,
                               reduction_factor=b.reduction_factor)
-    recorder = MLflowRecorder(uri, experiment_id, paths.records, "trial", Describe(sweep_doc), experiment_dir)
+    recorder = MLflowRecorder(uri, experiment_id, paths.records, "trial", Describe(sweep_doc))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=PerMethodSearch(searchers, quota, metric, mode), scheduler=scheduler,
@@ -336,7 +336,6 @@ def _search(sweep: SweepConfig, trainable, paths: SweepPaths, uri: str, experime
         run_config=_run_config("search", paths, recorder),
     )
     tuner.fit()
-    prune(experiment_dir)
     _raise_if_interrupted(paths, "trial", quota * len(searchers))
 
 
@@ -345,7 +344,6 @@ def _restore(experiment_dir, trainable, paths: SweepPaths) -> None:
     for line in repair(experiment_dir):
         notify(paths.records, line)
     tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
-    prune(experiment_dir)
 
 
 def _raise_if_interrupted(paths: SweepPaths, phase: str, planned: int) -> None:
@@ -395,8 +393,8 @@ def _fail_stale_optuna_trials(paths: SweepPaths, methods) -> None:
 def _run_config(name: str, paths: SweepPaths, recorder: MLflowRecorder) -> tune.RunConfig:
     return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=[recorder, JsonLoggerCallback()], verbose=0,
                           failure_config=tune.FailureConfig(max_failures=2),
-                          # every checkpoint kept by Tune; the recorder prunes the ones its saved state no longer names
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
+                          # one per trial, and Tune saves its experiment state after each (search/checkpoints.py)
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
 
 
 def best_trials(records: SweepRecords, epochs: int, phase: str = "trial") -> dict[str, dict[str, Any]]:
@@ -431,7 +429,7 @@ def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int,
                 points.append(record["trial_config"] | {"seed": base_seed + i})
         if not points:
             return {}
-        recorder = MLflowRecorder(uri, experiment_id, paths.records, "final", Describe(sweep_doc), experiment_dir)
+        recorder = MLflowRecorder(uri, experiment_id, paths.records, "final", Describe(sweep_doc))
         tuner = tune.Tuner(
             trainable,
             param_space={"point": tune.grid_search(points)},
@@ -439,7 +437,6 @@ def _final_runs(sweep: SweepConfig, best: dict[str, dict[str, Any]], seeds: int,
             run_config=_run_config("final", paths, recorder),
         )
         tuner.fit()
-        prune(experiment_dir)
     _raise_if_interrupted(paths, "final", planned)
     return final_stats(SweepRecords.open(paths.records))
 

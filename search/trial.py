@@ -20,10 +20,10 @@ from kdarena.methods.engine import EpochResult, eval_loader, evaluate, fit, pick
 from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset
 
+from .checkpoints import CHECKPOINT_FILE
 from .sweep_config import SweepConfig, trial_config
 from .build import build_distiller, make_model
 
-CHECKPOINT_FILE = "trial.pt"
 
 
 def split_trial_params(config: dict[str, Any]) -> tuple[str, int, dict[str, Any], dict[str, Any], int | None]:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from kdarena.search.checkpoints import prune, repair, restorable, saved_trials
+from kdarena.search.checkpoints import repair, restorable, saved_trials
 
 KDARENA = str(Path(sys.executable).parent / "kdarena")
 
@@ -253,40 +253,28 @@ def _state(folder: Path, trials: list[tuple[str, str, str | None]]) -> None:
     (folder / "experiment_state-2026.json").write_text(json.dumps({"trial_data": data}))
 
 
-def test_pruning_keeps_every_checkpoint_the_saved_state_may_restore(tmp_path):
-    for tid in ("a", "b", "c"):
-        for i in range(4):
-            (tmp_path / f"run_trial_{tid}_x" / f"checkpoint_00000{i}").mkdir(parents=True)
-    _state(tmp_path, [("a", "RUNNING", "checkpoint_000002"), ("b", "TERMINATED", "checkpoint_000003"),
-                      ("c", "RUNNING", None)])
-    assert prune(tmp_path) == 1 + 2
-
-    def left(tid):
-        return sorted(p.name for p in (tmp_path / f"run_trial_{tid}_x").iterdir())
-
-    # the last result's checkpoint, the one before it (Tune registers a checkpoint a step after its result, so a
-    # state saved in between restores from the previous one), and anything newer
-    assert left("a") == ["checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
-    assert left("b") == ["checkpoint_000002", "checkpoint_000003"]
-    assert len(left("c")) == 4  # the state names none: nothing is known to be safe to delete
-    (tmp_path / "experiment_state-2026.json").write_text('{"trial_data": [')  # being written: prune nothing
-    assert prune(tmp_path) == 0
-
-
 def test_repair_gives_each_unfinished_trial_the_checkpoints_its_state_may_restore(tmp_path):
-    (tmp_path / "run_trial_a_x" / "checkpoint_000001").mkdir(parents=True)
-    (tmp_path / "run_trial_a_x" / "checkpoint_000001" / "trial.pt").write_text("epoch 2")
+    for name in ("checkpoint_000001", "checkpoint_000004"):  # Tune deleted 2 and 3; 4 came after the state's save
+        (tmp_path / "run_trial_a_x" / name).mkdir(parents=True)
+        (tmp_path / "run_trial_a_x" / name / "trial.pt").write_text(name)
     (tmp_path / "run_trial_b_x").mkdir()
     (tmp_path / "run_trial_c_x").mkdir()
+    (tmp_path / "run_trial_d_x" / "checkpoint_000002").mkdir(parents=True)
+    (tmp_path / "run_trial_d_x" / "checkpoint_000002" / "trial.pt").write_text("d")
     _state(tmp_path, [("a", "PAUSED", "checkpoint_000003"), ("b", "RUNNING", "checkpoint_000000"),
-                      ("c", "TERMINATED", "checkpoint_000005")])
+                      ("c", "TERMINATED", "checkpoint_000005"), ("d", "RUNNING", "checkpoint_000002")])
     said = repair(tmp_path)
+    # the state may restore a from 2 or 3: both become copies of its newest checkpoint, which lost nothing
     for name in ("checkpoint_000002", "checkpoint_000003"):
-        assert (tmp_path / "run_trial_a_x" / name / "trial.pt").read_text() == "epoch 2"
+        assert (tmp_path / "run_trial_a_x" / name / "trial.pt").read_text() == "checkpoint_000004"
     assert (tmp_path / "run_trial_b_x" / "checkpoint_000000").is_dir()
     assert not list((tmp_path / "run_trial_b_x" / "checkpoint_000000").iterdir())  # empty: start from scratch
     assert not (tmp_path / "run_trial_c_x" / "checkpoint_000005").exists()  # finished trials are not restored
-    assert said == ["trial a: checkpoint_000002 is missing from storage; it resumes from checkpoint_000001 instead",
-                    "trial a: checkpoint_000003 is missing from storage; it resumes from checkpoint_000002 instead",
-                    "trial b: checkpoint_000000 is missing from storage and no older one is there; it starts again "
-                    "from scratch"]
+    assert (tmp_path / "run_trial_d_x" / "checkpoint_000001" / "trial.pt").read_text() == "d"  # Tune may lag by one
+    assert said == ["trial a: checkpoint_000002 is missing from storage; it resumes from checkpoint_000004 instead",
+                    "trial a: checkpoint_000003 is missing from storage; it resumes from checkpoint_000004 instead",
+                    "trial b: checkpoint_000000 is missing from storage and no other checkpoint is there; it starts "
+                    "again from scratch",
+                    "trial d: checkpoint_000001 is missing from storage; it resumes from checkpoint_000002 instead"]
+    (tmp_path / "experiment_state-2026.json").write_text('{"trial_data": [')  # being written: nothing is touched
+    assert repair(tmp_path) == []
