@@ -14,11 +14,14 @@ checkpointed `num_to_keep` times since the last one); without it the saved
 state falls 10 s or more behind, and a resume replays finished trials or
 re-runs trials Ray never recorded. So deletion stays, and `repair` runs
 before every restore: each unfinished trial gets the checkpoint its saved
-state will restore it from, as a copy of the trial's newest checkpoint on
-storage — the one Tune wrote after the state was saved, so the trial loses
-nothing — or, with none left, as an empty folder (the trial's trainable
+state will restore it from, as a copy of the trial's oldest checkpoint on
+storage, or, with none left, as an empty folder (the trial's trainable
 finds no `trial.pt` there and starts from scratch). Either way it says so,
-and the trial never fails for it.
+and the trial never fails for it. The oldest, because with one checkpoint
+kept at most two are there: the one Tune registered after its state was
+saved (the driver recorded its epochs first, so the trial loses nothing)
+and perhaps one more the worker wrote whose result the driver never
+processed (resuming from it would leave that epoch out of the record).
 
 Which checkpoint will the saved state restore from? It names the trial's
 last result, whose `checkpoint_dir_name` is checkpoint k; Tune registers
@@ -87,16 +90,16 @@ def repair(experiment_dir: Path) -> list[str]:
     for trial in saved_trials(experiment_dir) or []:
         if trial.status == "TERMINATED":
             continue
+        # the oldest checkpoint that holds a trial's state, taken before any stand-in is made (see above)
+        kept = sorted(p for p in trial.folder.glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists())
         for name in restorable(trial):
             wanted = trial.folder / name
             if wanted.exists():
                 continue
-            # the newest checkpoint that holds a trial's state (never a stand-in made just before)
-            kept = sorted(p for p in trial.folder.glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists())
             if kept:
-                shutil.copytree(kept[-1], wanted)
+                shutil.copytree(kept[0], wanted)
                 said.append(f"trial {trial.trial_id}: {name} is missing from storage; it resumes from "
-                            f"{kept[-1].name} instead")
+                            f"{kept[0].name} instead")
             else:
                 wanted.mkdir(parents=True)
                 said.append(f"trial {trial.trial_id}: {name} is missing from storage and no other checkpoint is "

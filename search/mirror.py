@@ -131,14 +131,22 @@ class Mirror:
             self._finish_run(record)
             record["synced_final"] = True
 
-    def _find_or_create_run(self, record: dict[str, Any], live: dict[str, Any]) -> str:
+    def run_of(self, record: dict[str, Any]) -> str | None:
+        """The trial's MLflow run: its recorded id, else one a create reached the server with though its answer
+        did not (or the driver was killed before it was written down), found by the trial key."""
+        if record.get("run_id") or not record.get("create_attempted"):
+            return record.get("run_id")
         parent = self.records.data["parent_run_id"]
-        if record.get("create_attempted"):  # a create may have reached the server even though its answer did not
-            found = self.client.search_runs(
-                [self.experiment_id], max_results=1,
-                filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{record['key']}' and tags.`{PARENT_TAG}` = '{parent}'")
-            if found:
-                return found[0].info.run_id
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{record['key']}' and tags.`{PARENT_TAG}` = '{parent}'")
+        return found[0].info.run_id if found else None
+
+    def _find_or_create_run(self, record: dict[str, Any], live: dict[str, Any]) -> str:
+        found = self.run_of(record)
+        if found:
+            return found
+        parent = self.records.data["parent_run_id"]
         record["create_attempted"] = True
         self._commit(record, live)  # on disk before the run exists: no run is ever left without its record
         teacher_sha = self.records.data.get("teacher", {}).get("sha256")

@@ -368,10 +368,12 @@ def _drop_lost_trials(phase: str, worker: MirrorWorker) -> None:
     for key in lost:
         record = records.trials.pop(key)
         records.data.setdefault("lost_trials", []).append(key)
-        if record["run_id"] is not None:
-            try:
-                mirror.client.delete_run(record["run_id"])
-            except TRACKING_ERRORS:
+        try:
+            run_id = mirror.run_of(record)  # a run may exist that the killed driver never wrote down
+            if run_id is not None:
+                mirror.client.delete_run(run_id)
+        except TRACKING_ERRORS:
+            if record.get("run_id"):
                 records.data.setdefault("runs_to_delete", []).append(record["run_id"])
     records.save()
 

@@ -267,7 +267,8 @@ def test_resume_after_the_driver_is_stopped_loses_nothing_and_duplicates_nothing
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     after = _records(root)["trials"]
-    assert len(after) == 2 * per_method and all(r["status"] == "completed" for r in after.values())
+    assert len(after) == 2 * per_method and all(r["status"] == "completed" for r in after.values()), \
+        [(k, r["status"], r.get("reason")) for k, r in after.items()]
     assert {k: after[k]["run_id"] for k in done_before} == done_before  # finished trials kept as they were
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("kdarena")
