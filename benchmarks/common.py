@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdarena.search.sweep import run_sweep
+from kdarena.search.sweep import SweepOptions, run_sweep
 from kdarena.search.sweep_config import parse_sweep
 
 
@@ -22,10 +22,10 @@ def workspace(prefix: str) -> Path:
     return work
 
 
-def timed_sweep(doc: dict[str, Any], **kwargs: Any) -> tuple[float, dict[str, Any]]:
+def timed_sweep(doc: dict[str, Any], **options: Any) -> tuple[float, dict[str, Any]]:
     """Run a sweep document; return its wall time and its records."""
     sweep = parse_sweep(doc, doc["name"])
     start = time.perf_counter()
-    outcome = run_sweep(sweep, doc, **kwargs)
+    outcome = run_sweep(sweep, doc, SweepOptions(**options))
     seconds = time.perf_counter() - start
     return seconds, json.loads((outcome.paths.records).read_text())

@@ -75,9 +75,9 @@ def build_store(folder: Path, n_trials: int, n_sweeps: int, seed: int = 0) -> st
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
     from mlflow.tracking import MlflowClient
 
-    from kdarena.search.export import config_yaml, export_config
+    from kdarena.training.config import config_yaml, export_config
     from kdarena.search.sweep_config import method_space, parse_sweep, trial_config
-    from kdarena.search.tracking import flatten
+    from kdarena.training.tracking import flatten
 
     rng = random.Random(seed)
     db = folder / "mlflow.db"
@@ -227,12 +227,14 @@ def main() -> None:
     from streamlit.testing.v1 import AppTest
 
     import kdarena.dashboard
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards import board as lb_board
+    from kdarena.leaderboards import runs as lb_runs
+    from kdarena.leaderboards import sweeps as lb_sweeps
 
-    load_s, runs = _timed(lambda: queries.load_runs(uri))
+    load_s, runs = _timed(lambda: lb_runs.load_runs(uri))
     roles = runs["role"].value_counts().to_dict()
     print(f"load_runs: {load_s:.2f} s for {len(runs):,} runs {roles}")
-    board_s, board = _timed(lambda: queries.leaderboard(runs, dataset="digits"), repeat=3)
+    board_s, board = _timed(lambda: lb_board.leaderboard(runs, dataset="digits"), repeat=3)
     print(f"leaderboard: {board_s:.3f} s -> {len(board)} rows, {int(board['pareto'].sum())} on the Pareto front")
 
     os.environ["KDARENA_TRACKING_URI"] = uri
@@ -253,7 +255,7 @@ def main() -> None:
     sweeps_first, _ = _timed(lambda: at.run())
     assert not at.exception, [e.value for e in at.exception]
     sweeps_s, _ = _timed(lambda: at.run(), repeat=args.repeat)
-    print(f"Sweeps page ({len(queries.sweep_trials(runs, at.selectbox(key='sw_name').value)):,} trials in the sweep): "
+    print(f"Sweeps page ({len(lb_sweeps.sweep_trials(runs, at.selectbox(key='sw_name').value)):,} trials in the sweep): "
           f"first {sweeps_first:.2f} s, after warm-up {sweeps_s:.2f} s")
     at.query_params["run"] = str(board["run_id"].iloc[0])
     at.switch_page("views/run.py")

@@ -2,8 +2,9 @@
 
 Both feed the same model with the same augmentation (random crop with 4-pixel
 padding, horizontal flip, normalisation); only the data path differs. Uses
-the CIFAR-10 JPEG copy (../shared/data) when present, else random uint8
-images of CIFAR's shape. Prints images/s of each and their ratio.
+an image tree given with --archive (e.g. a CIFAR-10 JPEG copy,
+`train|test/<class>/*.jpg` or a .tar.gz of one) when given, else random
+uint8 images of CIFAR's shape. Prints images/s of each and their ratio.
 
     python -m benchmarks.data_pipeline [--archive PATH] [--limit N] [--workers 0 2]
 """
@@ -24,7 +25,6 @@ from kdarena.zoo.augment import CropFlip
 from kdarena.zoo.data import BatchLoader, Split, load_dataset
 from kdarena.zoo.models import build_model
 
-DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 class PerSampleDataset(torch.utils.data.Dataset):
@@ -59,14 +59,14 @@ def _epoch(batches, model, optimizer) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
+    parser.add_argument("--archive", type=Path, default=None, help="an image tree (or .tar.gz of one) to read")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to try")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--channels", type=int, default=16, help="width of the CNN both pipelines feed")
     args = parser.parse_args()
 
-    if args.archive.exists():
+    if args.archive is not None:
         data = load_dataset("imagefolder", root=args.archive)
         split, mean, std = data.train, data.mean, data.std
         source = f"CIFAR-10 JPEG copy ({args.archive.name})"

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from kdarena.methods import METHODS
-from kdarena.search.config import parse_config
-from kdarena.search.train_job import run_train
+from kdarena.training.config import parse_config
+from kdarena.training.train_job import run_train
 from kdarena.zoo.errors import UserError
 
 

@@ -27,9 +27,9 @@ import ray
 import torch
 
 from kdarena.methods.engine import fit
-from kdarena.search.config import parse_config
+from kdarena.training.config import parse_config
 from kdarena.search.sweep_config import parse_sweep, trial_config
-from kdarena.search.train_job import Callbacks, build_distiller, load_config_dataset, resolve_teacher, teacher_cache_dir
+from kdarena.training.train_job import Callbacks, build_distiller, load_config_dataset, resolve_teacher, teacher_cache_dir
 
 from .common import timed_sweep, workspace
 

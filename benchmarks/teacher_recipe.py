@@ -25,7 +25,7 @@ import torch
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
-from kdarena.search.build import pair_info
+from kdarena.training.build import pair_info
 from kdarena.zoo.data import load_dataset
 from kdarena.zoo.models import build_model
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from kdarena.search.config import parse_config
-from kdarena.search.train_job import run_train
+from kdarena.training.config import parse_config
+from kdarena.training.train_job import run_train
 
 from .common import workspace
 

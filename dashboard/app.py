@@ -7,8 +7,12 @@ coordinates) and one Run (curves, costs, teacher, its re-runnable config).
 Read-only: nothing here writes to MLflow.
 """
 
+import os
+
 import streamlit as st
 
+# MLflow draws a progress bar on the server's console for every artifact a page reads
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 st.set_page_config(page_title="kdarena", page_icon=":material/leaderboard:", layout="wide")
 
 pages = [

@@ -1,87 +1,12 @@
-"""Published results that stand beside our own on the leaderboard, and exported leaderboards.
+"""The read side of kdarena: the runs MLflow holds, ranked, with the published results beside them.
 
-Data files (reported figures, never reproduced by kdarena):
+Pure functions over data frames, shared by `kdarena leaderboard` and the
+dashboard so both show one ranking: `runs` reads the record, `board` ranks
+it (with `stats`: the Pareto front, the spread over seeds), `references`
+holds the published figures (`references.csv`, cited in `sources.yaml`),
+`text` and `render` turn rows into tables, Markdown, CSV and JSON, and
+`sweeps` answers the dashboard's sweep pages. No Streamlit, no Ray, no torch.
 
-- ``references.csv`` — one row per published accuracy, with columns
-  ``dataset, teacher, student, method, variant, test_acc, test_errors,
-  test_size, params, macs, flops, key_hparams, source, table, note``.
-  ``test_acc`` is a fraction in [0, 1]; papers that report test
-  misclassifications keep them in ``test_errors`` (out of ``test_size``) and
-  ``test_acc = 1 - test_errors / test_size``. Costs are filled only where
-  published: ``macs`` for the RepDistiller/DKD students (methods.md's
-  student costs at 32×32, 100 classes), ``flops`` and ``params`` as the SVD
-  paper prints them (its own FLOPs convention), ``params`` for the MLPs.
-  ``method`` uses kdarena's method names (``baseline`` = student alone /
-  "S", ``kd``, ``fitnets``, ``at``, ``fsp``, ``svd``, ``adversarial``,
-  ``crd``, ``dkd``, ``dist``, ``ctkd``, ``mlkd``, ``reviewkd``); ``variant``
-  ``logit_std`` marks a method run with logit standardisation; ``teacher`` rows
-  are the teacher network itself; ``student-initial`` is the pre-trained
-  student the MLP study starts from. ``teacher``/``student`` use kdarena zoo
-  names where the network is the zoo's (``resnet20``, ``mobilenetv2_half`` =
-  RepDistiller's "MobileNetV2"), the paper's names otherwise.
-- ``sources.yaml`` — each ``source`` string's full citation and tables.
-
-Covered (sources.yaml names each publication and the public page read):
-RepDistiller's same- and cross-architecture CIFAR-100 tables (teacher,
-student alone, KD, FitNet, AT, FSP, CRD), DKD on CIFAR-100 and ImageNet
-(mdistiller README), DIST on CIFAR-100 and ImageNet, ReviewKD on ImageNet,
-logit standardisation with KD, CTKD, DKD and MLKD (and CTKD, MLKD without
-it) on CIFAR-100, the SVD paper's CIFAR-100 table, schedule figures and
-Tiny-ImageNet/ImageNet-50 line, the MLP soft-target/adversarial table and
-Hinton's MNIST figures.
-
-``kdarena leaderboard --export leaderboards/`` writes one Markdown file per
-dataset here (``digits.md``, ...), our ranking followed by these rows.
+`kdarena leaderboard --export leaderboards/` writes one Markdown file per
+dataset here (``digits.md``, ...), our ranking followed by the published rows.
 """
-
-from __future__ import annotations
-
-import csv
-import math
-from functools import lru_cache
-from importlib import resources
-from typing import Any
-
-REFERENCES_FILE = "references.csv"
-SOURCES_FILE = "sources.yaml"
-COLUMNS = ("dataset", "teacher", "student", "method", "variant", "test_acc", "test_errors", "test_size", "params",
-           "macs", "flops", "key_hparams", "source", "table", "note")
-_INT_COLUMNS = ("test_errors", "test_size")
-_FLOAT_COLUMNS = ("test_acc", "params", "macs", "flops")
-
-
-def _number(text: str, kind: type) -> Any:
-    text = text.strip()
-    if not text:
-        return None if kind is int else math.nan
-    return kind(float(text)) if kind is int else float(text)
-
-
-@lru_cache(maxsize=1)
-def _rows() -> tuple[dict[str, Any], ...]:
-    text = resources.files(__name__).joinpath(REFERENCES_FILE).read_text(encoding="utf-8")
-    rows = []
-    for raw in csv.DictReader(text.splitlines()):
-        row: dict[str, Any] = {k: (raw.get(k) or "").strip() for k in COLUMNS}
-        for k in _INT_COLUMNS:
-            row[k] = _number(row[k], int)
-        for k in _FLOAT_COLUMNS:
-            row[k] = _number(row[k], float)
-        rows.append(row)
-    return tuple(rows)
-
-
-def load_references(dataset: str | None = None) -> list[dict[str, Any]]:
-    """The published results, one dict per row (a fresh copy); only `dataset`'s when given.
-
-    Missing numbers are NaN (floats) or None (error counts); missing text is "".
-    """
-    return [dict(r) for r in _rows() if dataset is None or r["dataset"] == dataset]
-
-
-def load_sources() -> dict[str, dict[str, Any]]:
-    """sources.yaml: each `source` string of references.csv → its title, tables and what it reports."""
-    import yaml
-
-    text = resources.files(__name__).joinpath(SOURCES_FILE).read_text(encoding="utf-8")
-    return yaml.safe_load(text)

@@ -36,7 +36,7 @@ class Choice:
 
 Dimension = FloatRange | IntRange | Choice
 
-# Every method's space also holds these (methods.md): they matter as much as
+# Every method's space also holds these: they matter as much as
 # the method's own knobs, so a search never holds them fixed by default.
 COMMON_SPACE: dict[str, Dimension] = {
     "lr": FloatRange(1e-3, 0.3, log=True),

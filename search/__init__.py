@@ -1,1 +1,1 @@
-"""Configs, the teacher store, MLflow recording and the CLI (later: the Ray Tune + Optuna sweep)."""
+"""The sweep: a Ray Tune experiment of one Optuna study per method, recorded in records.json and mirrored to MLflow."""

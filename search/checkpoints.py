@@ -14,14 +14,13 @@ checkpointed `num_to_keep` times since the last one); without it the saved
 state falls 10 s or more behind, and a resume replays finished trials or
 re-runs trials Ray never recorded. So deletion stays, and `repair` runs
 before every restore: each unfinished trial gets the checkpoint its saved
-state will restore it from, as a copy of the trial's oldest checkpoint on
-storage, or, with none left, as an empty folder (the trial's trainable
-finds no `trial.pt` there and starts from scratch). Either way it says so,
-and the trial never fails for it. The oldest, because with one checkpoint
-kept at most two are there: the one Tune registered after its state was
-saved (the driver recorded its epochs first, so the trial loses nothing)
-and perhaps one more the worker wrote whose result the driver never
-processed (resuming from it would leave that epoch out of the record).
+state will restore it from, as a copy of the trial's newest checkpoint whose
+epoch the driver has recorded, or, with none, as an empty folder (the
+trial's trainable finds no `trial.pt` there and starts from scratch).
+Either way it says so, and the trial never fails for it. A checkpoint
+holds its epoch in `epoch` beside `trial.pt`: the worker may have written
+one more checkpoint whose result the driver never processed, and resuming
+from it would leave that epoch out of the record.
 
 Which checkpoint will the saved state restore from? It names the trial's
 last result, whose `checkpoint_dir_name` is checkpoint k; Tune registers
@@ -40,6 +39,7 @@ from pathlib import Path
 
 STATE_GLOB = "experiment_state-*.json"
 CHECKPOINT_FILE = "trial.pt"  # what a trial's checkpoint folder holds (search/trial.py writes it)
+EPOCH_FILE = "epoch"  # beside it: the epochs it has done, as text
 
 
 @dataclass(frozen=True)
@@ -81,27 +81,38 @@ def restorable(trial: SavedTrial) -> list[str]:
     return [f"checkpoint_{i:06d}" for i in (index - 1, index) if i >= 0]
 
 
-def repair(experiment_dir: Path) -> list[str]:
+def checkpoint_epoch(folder: Path) -> int | None:
+    """The epochs a trial's checkpoint folder has done; None if it holds no state (or does not say)."""
+    try:
+        return int((folder / EPOCH_FILE).read_text()) if (folder / CHECKPOINT_FILE).exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def repair(experiment_dir: Path, recorded: dict[str, int]) -> list[str]:
     """Before a restore: every unfinished trial gets the checkpoints its saved state may restore it from.
 
-    Returns one line per checkpoint put back, saying what the trial resumes from.
+    `recorded` gives each trial's last epoch in the sweep's records (by
+    Tune's trial id). Returns one line per checkpoint put back, saying what
+    the trial resumes from.
     """
     said = []
     for trial in saved_trials(experiment_dir) or []:
         if trial.status == "TERMINATED":
             continue
-        # the oldest checkpoint that holds a trial's state, taken before any stand-in is made (see above)
-        kept = sorted(p for p in trial.folder.glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists())
+        # taken before any stand-in is made; only checkpoints of epochs the driver recorded
+        usable = sorted(p for p in trial.folder.glob("checkpoint_*")
+                        if (epoch := checkpoint_epoch(p)) is not None and epoch <= recorded.get(trial.trial_id, 0))
         for name in restorable(trial):
             wanted = trial.folder / name
             if wanted.exists():
                 continue
-            if kept:
-                shutil.copytree(kept[0], wanted)
+            if usable:
+                shutil.copytree(usable[-1], wanted)
                 said.append(f"trial {trial.trial_id}: {name} is missing from storage; it resumes from "
-                            f"{kept[0].name} instead")
+                            f"{usable[-1].name} (epoch {checkpoint_epoch(usable[-1])}) instead")
             else:
                 wanted.mkdir(parents=True)
-                said.append(f"trial {trial.trial_id}: {name} is missing from storage and no other checkpoint is "
-                            "there; it starts again from scratch")
+                said.append(f"trial {trial.trial_id}: {name} is missing from storage and no other checkpoint of a "
+                            "recorded epoch is there; it starts again from scratch")
     return said

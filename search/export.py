@@ -15,13 +15,18 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kdarena.dashboard.pareto import pareto_front
+from kdarena.leaderboards.stats import pareto_front
 from kdarena.methods import get_method
 from kdarena.zoo.errors import UserError
 
-from .config import TrainConfig
-from .records import RECORDS_FILE, SWEEP_FILE, SweepRecords, sweep_paths
+from kdarena.training.config import config_yaml, export_config
+from kdarena.training.record import Metric
+
+from .records import RECORDS_FILE, SWEEP_FILE, SweepRecords, full_budget, sweep_paths
 from .sweep_config import SweepConfig, load_sweep
+
+# what an exported entry says of its trial
+SCORES = (Metric.VAL_ACC, Metric.TEST_ACC, Metric.MACS, Metric.PARAMS)
 
 
 def find_sweep_dir(target: str) -> Path:
@@ -56,9 +61,7 @@ def ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[d
 def _ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[dict[str, Any]]]:
     sweep = SweepConfig.model_validate(yaml.safe_load((sweep_dir / SWEEP_FILE).read_text()))
     records = SweepRecords(sweep_dir / RECORDS_FILE)
-    full = [r for r in records.trials.values()
-            if r["phase"] == "trial" and r["status"] == "completed"
-            and r["metrics"].get("epochs_completed", 0) >= sweep.budget.epochs]
+    full = full_budget(records, sweep.budget.epochs)
     if not full:
         raise UserError(f"sweep '{sweep.name}' has no full-budget trial yet (all stopped early, diverged or still "
                         "running); resume it or give it a larger budget")
@@ -74,27 +77,8 @@ def _ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[
     for rank, record in enumerate(full[:top] if top else full, start=1):
         config = export_config(record["config"], teacher_sha)
         entries.append({"rank": rank, "trial": record["trial_name"], "mlflow_run_id": record["run_id"],
-                        "method": record["method"], "val_acc": record["metrics"]["val_acc"],
-                        "test_acc": record["metrics"].get("test_acc"), "macs": record["metrics"].get("macs"),
-                        "params": record["metrics"].get("params"), "config": config})
+                        "method": record["method"], **{k: record["metrics"].get(k) for k in SCORES}, "config": config})
     return sweep, entries
-
-
-def export_config(config: dict[str, Any], teacher_sha256: str | None) -> dict[str, Any]:
-    """A trial's config as `kdarena train` takes it, pinned to its teacher's weights."""
-    config = TrainConfig.model_validate(config).model_dump(mode="json")
-    # free-form mappings in one order, so every writer of a config gives the same bytes
-    for section in (config["method"], config["student"], config["teacher"]):
-        key = "params" if section is config["method"] else "options"
-        section[key] = dict(sorted(section[key].items()))
-    if teacher_sha256 and get_method(config["method"]["name"]).needs_teacher:
-        config["teacher"]["sha256"] = teacher_sha256
-    return config
-
-
-def config_yaml(config: dict[str, Any]) -> str:
-    """The YAML text of one exported config (also what the dashboard offers for download)."""
-    return yaml.safe_dump(config, sort_keys=False)
 
 
 def render(entries: list[dict[str, Any]], fmt: str) -> str:
@@ -102,8 +86,8 @@ def render(entries: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(entries, indent=2)
     docs = []
     for e in entries:
-        head = (f"# rank {e['rank']}: {e['method']}, trial {e['trial']}, val_acc {e['val_acc']:.4f}, "
-                f"test_acc {e['test_acc']:.4f}, MLflow run {e['mlflow_run_id']}\n"
+        head = (f"# rank {e['rank']}: {e['method']}, trial {e['trial']}, val_acc {e[Metric.VAL_ACC]:.4f}, "
+                f"test_acc {e[Metric.TEST_ACC]:.4f}, MLflow run {e['mlflow_run_id']}\n"
                 f"# re-run: kdarena train THIS_FILE\n")
         docs.append(head + config_yaml(e["config"]))
     return "---\n".join(docs)

@@ -12,7 +12,6 @@ waits is sent when it is back, at the end of the sweep or by `kdarena sync`.
 from __future__ import annotations
 
 import copy
-import os
 import queue
 import sys
 import threading
@@ -29,53 +28,18 @@ from mlflow.tracking import MlflowClient
 from kdarena.training.identity import dataset_tags, mlflow_dataset
 from kdarena.training.record import Metric as RecordMetric, Role, Status, Tag
 
-from .export import config_yaml, export_config
-from .records import SweepRecords
-from .tracking import flatten
+from kdarena.training.config import config_yaml, export_config
+from .records import SweepRecords, epochs_done
+from kdarena.training.tracking import fail_fast_http, flatten
 
-PARENT_TAG = Tag.PARENT
-TRIAL_KEY_TAG = Tag.TRIAL_KEY
-FINISHED = Status.FINISHED
-PER_EPOCH = {"val_acc", "train_acc", "lr", "epoch_seconds"}
 # what a down, restarting or refusing tracking server raises through MlflowClient
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
 PROBE_INTERVAL_S = 10.0
 EPOCH_SYNC_INTERVAL_S = 5.0
 # the teacher's scores every student run carries, from the sweep's record of its teacher
-TEACHER_SCORES = {RecordMetric.TEACHER_VAL_ACC: "val_acc", RecordMetric.TEACHER_TEST_ACC: "test_acc"}
+TEACHER_SCORES = {RecordMetric.TEACHER_VAL_ACC: RecordMetric.VAL_ACC, RecordMetric.TEACHER_TEST_ACC: RecordMetric.TEST_ACC}
 # what syncing changes in a trial's record (the rest belongs to the driver's thread)
 SYNC_FIELDS = ("run_id", "run_ready", "synced_epochs", "synced_final", "finished_ts_ms", "create_attempted")
-
-# A dead server must not stall the driver for minutes: MLflow retries each
-# request up to 7 times with exponential back-off by default.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-def new_trial_record(key: str, trial_name: str, phase: str, trial_config: dict[str, Any], config: dict[str, Any],
-                     tags: dict[str, str]) -> dict[str, Any]:
-    return {"key": key, "trial_name": trial_name, "phase": phase, "method": config["method"]["name"],
-            "trial_config": trial_config, "student": config["student"], "config": config, "tags": tags,
-            "history": [], "status": "running", "metrics": {}, "run_id": None, "started": time.time(),
-            "synced_epochs": 0, "run_ready": False, "synced_final": False}
-
-
-def add_epoch(record: dict[str, Any], epoch: int, metrics: dict[str, float]) -> None:
-    """An epoch's metrics into the record; a re-run epoch (after a restore) replaces its earlier entry."""
-    record["history"] = [h for h in record["history"] if h["epoch"] < epoch]
-    record["history"].append({"epoch": epoch, "ts_ms": int(time.time() * 1000), "metrics": metrics})
-
-
-def epochs_done(record: dict[str, Any]) -> int:
-    return max((h["epoch"] for h in record["history"]), default=0)
-
-
-def is_pending(record: dict[str, Any]) -> bool:
-    """Something of this trial has not reached MLflow yet."""
-    return (record["run_id"] is None or not record["run_ready"] or record["synced_epochs"] < epochs_done(record)
-            or (record["status"] in FINISHED and not record["synced_final"]))
-
 
 class Mirror:
     """Brings MLflow up to date with a sweep's records; offline (and cheap) while the server is down."""
@@ -127,7 +91,7 @@ class Mirror:
             for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
                 self.client.log_batch(record["run_id"], metrics=metrics[i:i + 1000])
             record["synced_epochs"] = new[-1]["epoch"]
-        if record["status"] in FINISHED and not record["synced_final"]:
+        if record["status"] in Status.FINISHED and not record["synced_final"]:
             self._finish_run(record)
             record["synced_final"] = True
 
@@ -139,7 +103,7 @@ class Mirror:
         parent = self.records.data["parent_run_id"]
         found = self.client.search_runs(
             [self.experiment_id], max_results=1,
-            filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{record['key']}' and tags.`{PARENT_TAG}` = '{parent}'")
+            filter_string=f"tags.`{Tag.TRIAL_KEY}` = '{record['key']}' and tags.`{Tag.PARENT}` = '{parent}'")
         return found[0].info.run_id if found else None
 
     def _find_or_create_run(self, record: dict[str, Any], live: dict[str, Any]) -> str:
@@ -152,7 +116,7 @@ class Mirror:
         teacher_sha = self.records.data.get("teacher", {}).get("sha256")
         dataset = self.records.data.get("dataset")
         commit = self.records.data.get("git_commit")
-        tags = {PARENT_TAG: parent, Role.TAG: record["phase"], TRIAL_KEY_TAG: record["key"], **record["tags"],
+        tags = {Tag.PARENT: parent, Role.TAG: record["phase"], Tag.TRIAL_KEY: record["key"], **record["tags"],
                 **({Tag.TEACHER_SHA256: teacher_sha} if teacher_sha else {}),
                 **(dataset_tags(dataset) if dataset else {}), **({Tag.GIT_COMMIT: commit} if commit else {})}
         run = self.client.create_run(self.experiment_id, run_name=record["trial_name"], tags=tags,
@@ -180,12 +144,12 @@ class Mirror:
         teacher = self.records.data.get("teacher") or {}
         scores = record["metrics"] | {name: teacher.get(key) for name, key in TEACHER_SCORES.items()}
         metrics = [Metric(k, float(v), ts, 0) for k, v in scores.items()
-                   if isinstance(v, (int, float)) and k not in PER_EPOCH]
+                   if isinstance(v, (int, float)) and k not in RecordMetric.PER_EPOCH]
         tags = [RunTag(Tag.STATUS, record["status"])]
         if record.get("reason"):
             tags.append(RunTag(Tag.REASON, str(record["reason"])[:5000]))
         self.client.log_batch(record["run_id"], metrics=metrics, tags=tags)
-        self.client.set_terminated(record["run_id"], "FAILED" if record["status"] in ("diverged", "failed") else "FINISHED",
+        self.client.set_terminated(record["run_id"], "FAILED" if record["status"] in Status.NO_SCORE else "FINISHED",
                                    end_time=ts)
 
     # -- the whole sweep ---------------------------------------------------------------
@@ -269,9 +233,15 @@ class Mirror:
         return True
 
 
+def is_pending(record: dict[str, Any]) -> bool:
+    """Something of this trial has not reached MLflow yet."""
+    return (record["run_id"] is None or not record["run_ready"] or record["synced_epochs"] < epochs_done(record)
+            or (record["status"] in Status.FINISHED and not record["synced_final"]))
+
+
 class MirrorWorker:
     """A Mirror in a thread of its own, so MLflow's latency never holds up Ray Tune's loop (and so the trials,
-    whose reports wait for the driver). One per records file in this process: `mirror_worker()`.
+    whose reports wait for the driver). One per running sweep (its session's).
 
     A running trial's new epochs are sent at most every `epoch_interval_s`, in one batch: each MLflow write
     costs the driver tens of milliseconds of CPU, taken from the cores the trials run on. A trial's start
@@ -279,6 +249,7 @@ class MirrorWorker:
     """
 
     _FLUSH = "\0flush"
+    _STOP = "\0stop"
 
     def __init__(self, mirror: Mirror, epoch_interval_s: float = EPOCH_SYNC_INTERVAL_S):
         self.mirror = mirror
@@ -290,6 +261,10 @@ class MirrorWorker:
 
     def submit(self, key: str) -> None:
         self._queue.put(key)
+
+    def close(self) -> None:
+        """Stop the thread once what was submitted is handled (call `drain()` first to send what waits)."""
+        self._queue.put(self._STOP)
 
     def drain(self) -> None:
         """Wait until every submitted trial has been synced, waiting epochs included (or found the server down)."""
@@ -306,6 +281,9 @@ class MirrorWorker:
                 for due in [k for k, t in self._due.items() if t <= now]:
                     self._sync(due)
                 continue
+            if key == self._STOP:
+                self._queue.task_done()
+                return
             try:
                 if key == self._FLUSH:
                     for due in list(self._due):
@@ -321,7 +299,7 @@ class MirrorWorker:
         with self.mirror.records.lock:
             record = self.mirror.records.trials.get(key)
             return (record is not None and record["run_id"] is not None and record["run_ready"]
-                    and record["status"] not in FINISHED)
+                    and record["status"] not in Status.FINISHED)
 
     def _sync(self, key: str) -> None:
         self._due.pop(key, None)
@@ -336,23 +314,14 @@ class MirrorWorker:
             self.mirror.warn(f"could not record trial {key} in MLflow: {exc!r}; `kdarena sync` retries it")
 
 
-_WORKERS: dict[str, MirrorWorker] = {}
-
-
-def mirror_worker(records: SweepRecords, tracking_uri: str, experiment_id: str, warn) -> MirrorWorker:
-    key = str(records.path.resolve())
-    if key not in _WORKERS:
-        _WORKERS[key] = MirrorWorker(Mirror(MlflowClient(tracking_uri), experiment_id, records, warn=warn))
-    return _WORKERS[key]
-
-
 def sync_sweep(sweep_dir: Path, tracking_uri: str | None = None, warn=None) -> int:
     """`kdarena sync`: send what waits in a sweep's records to MLflow; how many trials were waiting."""
     from kdarena.zoo.errors import UserError
 
     from .records import RECORDS_FILE
 
-    records = SweepRecords.open(sweep_dir / RECORDS_FILE)
+    fail_fast_http()
+    records = SweepRecords(sweep_dir / RECORDS_FILE)
     uri = tracking_uri or records.data.get("tracking_uri")
     if uri is None or records.data.get("experiment_id") is None or records.data.get("parent_run_id") is None:
         raise UserError(f"{sweep_dir} records no MLflow parent run yet (the sweep stopped before it was created); "

@@ -21,17 +21,14 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
-from kdarena.training.record import Metric, Role, Status, Tag
+from kdarena.training.record import Metric, Role, Status, Tag, is_epoch_metric
 from kdarena.zoo.errors import UserError
 
 from .checkpoints import saved_trials
-from .mirror import PER_EPOCH, TRACKING_ERRORS, new_trial_record
-from .records import SweepPaths, SweepRecords
+from .mirror import TRACKING_ERRORS
+from .points import point_of
+from .records import PHASES, SweepPaths, add_epoch, final_metrics, new_trial_record, trial_key
 from .sweep_config import SweepConfig
-
-PHASE_DIRS = {"trial": "search", "final": "final"}
-FINAL_METRICS = (Metric.VAL_ACC, Metric.TEST_ACC, Metric.PARAMS, Metric.MACS, Metric.FLOPS, Metric.LATENCY_MS,
-                 Metric.EXTRA_PARAMS)
 
 
 def rebuild(paths: SweepPaths, sweep: SweepConfig, describe: Callable[[dict[str, Any]], tuple[dict, dict]],
@@ -45,8 +42,8 @@ def rebuild(paths: SweepPaths, sweep: SweepConfig, describe: Callable[[dict[str,
                         f"({str(exc).splitlines()[0][:120]}); start the tracking server or pass --tracking-uri") from None
     trials: dict[str, dict[str, Any]] = {}
     from_ray = 0
-    for phase, folder in PHASE_DIRS.items():
-        experiment_dir = paths.ray / folder
+    for phase in PHASES:
+        experiment_dir = paths.experiment(phase)
         saved = saved_trials(experiment_dir) or []
         states = {t.trial_id: t.status for t in saved}
         ids = {t.folder.name: t.trial_id for t in saved}
@@ -69,8 +66,8 @@ def rebuild(paths: SweepPaths, sweep: SweepConfig, describe: Callable[[dict[str,
     if parent is not None:
         tags, metrics = parent.data.tags, parent.data.metrics
         if Tag.TEACHER_SHA256 in tags:
-            data["teacher"] = {"sha256": tags[Tag.TEACHER_SHA256], "key": None, "val_acc": None,
-                               "test_acc": metrics.get(Metric.TEACHER_TEST_ACC)}
+            data["teacher"] = {"sha256": tags[Tag.TEACHER_SHA256], "key": None, Metric.VAL_ACC: None,
+                               Metric.TEST_ACC: metrics.get(Metric.TEACHER_TEST_ACC)}
         if Tag.DATASET_FINGERPRINT in tags:
             data["dataset"] = {"name": tags.get(Tag.DATASET), "label": tags.get(Tag.DATASET_LABEL),
                                "fingerprint": tags[Tag.DATASET_FINGERPRINT], "root": None}
@@ -79,7 +76,6 @@ def rebuild(paths: SweepPaths, sweep: SweepConfig, describe: Callable[[dict[str,
     tmp = paths.records.with_name(paths.records.name + ".partial")
     tmp.write_text(json.dumps(data, separators=(",", ":")))
     os.replace(tmp, paths.records)
-    SweepRecords._open.pop(str(paths.records.resolve()), None)  # the next open reads the new file
     return (f"rebuilt {paths.records}: {len(trials)} trials ({len(trials) - from_ray} with their MLflow runs, "
             f"{from_ray} only in Ray's files)")
 
@@ -134,17 +130,14 @@ def _from_ray(trial_dir: Path, phase: str, states: dict[str, str], ids: dict[str
     trial_id = next((str(r["trial_id"]) for r in results if "trial_id" in r), ids.get(trial_dir.name))
     if trial_id is None:  # neither a result nor the saved state: the trial never ran
         return None
-    point = config.get("point", config)
     resolved, tags = describe(config)
-    record = new_trial_record(f"{phase}/{trial_id}", f"run_trial_{trial_id}", phase, point, resolved, tags)
+    record = new_trial_record(trial_key(phase, trial_id), f"run_trial_{trial_id}", phase, point_of(config), resolved, tags)
     for r in results:
         if r.get("status") == Status.DIVERGED or "epoch" not in r:
             continue
         metrics = {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and (k in PER_EPOCH or k.startswith((Metric.LOSS_PREFIX, Metric.DIAG_PREFIX)))}
-        record["history"] = [h for h in record["history"] if h["epoch"] < int(r["epoch"])]
-        record["history"].append({"epoch": int(r["epoch"]), "ts_ms": int(r.get("timestamp", time.time()) * 1000),
-                                  "metrics": metrics})
+                   and is_epoch_metric(k)}
+        add_epoch(record, int(r["epoch"]), metrics, ts_ms=int(r.get("timestamp", time.time()) * 1000))
     last = results[-1] if results else {}
     record["last_result"] = {k: v for k, v in last.items() if isinstance(v, (int, float, str))
                              and not isinstance(v, bool)}
@@ -157,9 +150,7 @@ def _from_ray(trial_dir: Path, phase: str, states: dict[str, str], ids: dict[str
         record["status"] = Status.FAILED
     if record["status"] in Status.FINISHED:
         record["reason"] = last.get("reason")
-        record["metrics"] = {k: last[k] for k in FINAL_METRICS if k in last
-                             and (k != Metric.TEST_ACC or record["status"] == Status.COMPLETED)}
-        record["metrics"][Metric.EPOCHS_COMPLETED] = max((h["epoch"] for h in record["history"]), default=0)
+        record["metrics"] = final_metrics(last, record["status"], record)
     checkpoints = sorted(trial_dir.glob("checkpoint_*"))
     record["checkpoint"] = str(checkpoints[-1]) if checkpoints else None
     return record
@@ -171,7 +162,7 @@ def _merge_mlflow(record: dict[str, Any], client: MlflowClient, run) -> None:
                   started=run.info.start_time / 1000 if run.info.start_time else record["started"])
     logged: dict[int, dict[str, Any]] = {}
     for key in run.data.metrics:
-        if key not in PER_EPOCH and not key.startswith((Metric.LOSS_PREFIX, Metric.DIAG_PREFIX)):
+        if not is_epoch_metric(key):
             continue
         for m in client.get_metric_history(run.info.run_id, key):
             entry = logged.setdefault(m.step, {"epoch": m.step, "ts_ms": m.timestamp, "metrics": {}})
@@ -184,6 +175,7 @@ def _merge_mlflow(record: dict[str, Any], client: MlflowClient, run) -> None:
     if status in Status.FINISHED:
         record["status"] = status
         record["reason"] = run.data.tags.get(Tag.REASON)
-        record["metrics"] = {k: v for k, v in run.data.metrics.items() if k in FINAL_METRICS + (Metric.EPOCHS_COMPLETED,)}
+        record["metrics"] = {k: v for k, v in run.data.metrics.items()
+                             if k in Metric.FINAL + (Metric.EPOCHS_COMPLETED, Metric.BEST_VAL_ACC)}
         record["synced_final"] = True
         record["finished_ts_ms"] = run.info.end_time

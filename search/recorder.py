@@ -11,26 +11,17 @@ reach a down tracking server are sent later.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from kdarena.training.record import Metric, Status
+from kdarena.training.record import Metric, Status, is_epoch_metric
 
-from .mirror import FINISHED, PER_EPOCH, MirrorWorker, add_epoch, epochs_done, mirror_worker, new_trial_record
-from .records import SweepRecords
-
-
-def trial_key(phase: str, trial_id: str) -> str:
-    return f"{phase}/{trial_id}"
-
-
-# Live views by records file: Ray pickles callbacks into its experiment state,
-# so a restored sweep gets a fresh recorder that finds the driver's view here.
-LIVE_VIEWS: dict[str, Callable[[str, str, dict[str, Any]], None]] = {}
+from .points import point_of
+from .records import SweepRecords, add_epoch, epochs_done, final_metrics, new_trial_record, trial_key
+from .session import DriverSession, session_for
 
 
 def _holding_records_lock(hook):
@@ -42,20 +33,12 @@ def _holding_records_lock(hook):
     return locked
 
 
-def notify(records_path: Path, text: str) -> None:
-    """A message for the user: through the sweep's live view if it has one, else on stderr."""
-    view = LIVE_VIEWS.get(str(records_path))
-    if view is not None:
-        view("message", "", {"text": text})
-    else:
-        print(text, file=sys.stderr, flush=True)
-
-
 class MLflowRecorder(Callback):
     """A Ray Tune callback, run in the driver, that records each trial as a child run.
 
     It holds only paths, URIs and plain data, so it survives Ray's pickling
-    of the experiment and works again after `Tuner.restore`. `describe`
+    of the experiment and works again after `Tuner.restore`; the running
+    driver's records, mirror and live view are its session's. `describe`
     (a module-level function) gives a trial's resolved train config and tags.
     """
 
@@ -68,27 +51,26 @@ class MLflowRecorder(Callback):
         self.describe = describe
 
     @property
-    def records(self) -> SweepRecords:
-        return SweepRecords.open(self.records_path)
+    def session(self) -> DriverSession:
+        return session_for(self.records_path)
 
     @property
-    def mirror(self) -> MirrorWorker:
-        return mirror_worker(self.records, self.tracking_uri, self.experiment_id,
-                             warn=lambda text: notify(self.records_path, text))
+    def records(self) -> SweepRecords:
+        return self.session.records
 
     def _event(self, kind: str, key: str, record: dict[str, Any]) -> None:
         """The record on disk before Ray goes on (so it is never behind Ray's own saved state); MLflow after."""
-        self.records.save()
-        self.mirror.submit(key)
-        view = LIVE_VIEWS.get(str(self.records_path))
-        if view is not None:
-            view(kind, key, record)
+        session = self.session
+        session.records.save()
+        session.worker.submit(key)
+        if session.view is not None:
+            session.view(kind, key, record)
 
     def _record(self, trial) -> tuple[str, dict[str, Any] | None]:
         """The trial's record; None for a trial this sweep already finished (a restore may replay one)."""
         key = trial_key(self.phase, trial.trial_id)
         record = self.records.trials.get(key)
-        return key, (None if record is not None and record["status"] in FINISHED else record)
+        return key, (None if record is not None and record["status"] in Status.FINISHED else record)
 
     # -- Ray Tune callback hooks ---------------------------------------------------
     @_holding_records_lock
@@ -97,12 +79,12 @@ class MLflowRecorder(Callback):
         record = self.records.trials.get(key)
         if record is None:
             config, tags = self.describe(trial.config)
-            record = new_trial_record(key, str(trial), self.phase, trial.config.get("point", trial.config), config, tags)
+            record = new_trial_record(key, str(trial), self.phase, point_of(trial.config), config, tags)
             self.records.trials[key] = record
         elif record["status"] == Status.FAILED:  # an errored trial that a resume runs again (resume_errored)
             record.update(status=Status.RUNNING, reason=None, synced_final=False, metrics={})
             record.pop("finished_ts_ms", None)
-        elif record["status"] in FINISHED:
+        elif record["status"] in Status.FINISHED:
             return
         record["status"] = Status.RUNNING
         self._event("start", key, record)
@@ -114,10 +96,9 @@ class MLflowRecorder(Callback):
             return
         epoch = int(result.get("epoch", 0))
         record["last_result"] = _scalars(result)
-        if result.get("status") != "diverged":
-            add_epoch(record, epoch, {k: float(v) for k, v in _scalars(result).items()
-                                      if k in PER_EPOCH or k.startswith(("train_", "diag_"))})
-        if result.get("status") in ("completed", "diverged"):  # the status once Ray says the trial ended
+        if result.get("status") != Status.DIVERGED:
+            add_epoch(record, epoch, {k: float(v) for k, v in _scalars(result).items() if is_epoch_metric(k)})
+        if result.get("status") in (Status.COMPLETED, Status.DIVERGED):  # the status once Ray says the trial ended
             record["outcome"] = result["status"]
             record["reason"] = result.get("reason")
         self._event("result", key, record)
@@ -129,14 +110,8 @@ class MLflowRecorder(Callback):
             return
         last = record.get("last_result", {})
         # ended before the full budget and not diverged: ASHA stopped it
-        record["status"] = record.pop("outcome", None) or "early-stopped"
-        final = {k: last[k] for k in ("val_acc", "test_acc", "params", "macs", "flops", "latency_ms", "extra_params")
-                 if k in last and (k != "test_acc" or record["status"] == "completed")}
-        final["epochs_completed"] = epochs_done(record)
-        scores = [h["metrics"][Metric.VAL_ACC] for h in record["history"] if Metric.VAL_ACC in h["metrics"]]
-        if scores:
-            final[Metric.BEST_VAL_ACC] = max(scores)
-        record["metrics"] = final
+        record["status"] = record.pop("outcome", None) or Status.EARLY_STOPPED
+        record["metrics"] = final_metrics(last, record["status"], record)
         checkpoint = trial.checkpoint  # the last epoch's (one kept per trial)
         record["checkpoint"] = checkpoint.path if checkpoint is not None else None
         self._event("complete", key, record)
@@ -146,9 +121,9 @@ class MLflowRecorder(Callback):
         key, record = self._record(trial)
         if record is None:
             return
-        record["status"] = "failed"
+        record["status"] = Status.FAILED
         record["reason"] = _error_text(trial)
-        record["metrics"] = {"epochs_completed": epochs_done(record)}
+        record["metrics"] = {Metric.EPOCHS_COMPLETED: epochs_done(record)}
         self._event("error", key, record)
 
 

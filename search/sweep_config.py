@@ -14,23 +14,19 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdarena.methods import METHODS, get_method
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.space import COMMON_SPACE, Choice, Dimension, FloatRange, IntRange
 from kdarena.zoo.errors import UserError
 
-from .config import (DatasetConfig, MethodConfig, ModelConfig, TeacherConfig, TrainConfig, field_path,
-                     format_validation_error, load_yaml, show, validate_document)
+from kdarena.training.config import DatasetConfig, MethodConfig, ModelConfig, Strict, TeacherConfig, TrainConfig
+from kdarena.training.documents import field_path, format_validation_error, load_yaml, show, validate_document
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # student options that may be searched, and what kind of number each takes
 SEARCHABLE_OPTIONS = {"width": float, "depth": int, "channels": int}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class StudentSpec(ModelConfig):
@@ -47,12 +43,12 @@ class StudentSpec(ModelConfig):
         return v
 
 
-class MethodSpec(_Strict):
+class MethodSpec(Strict):
     fix: dict[str, Any] = Field(default_factory=dict, description="parameters held fixed (method's own, lr, weight_decay)")
     space: dict[str, Any] = Field(default_factory=dict, description="narrowed ranges [low, high] or choice lists")
 
 
-class Budget(_Strict):
+class Budget(Strict):
     trials_per_method: int | None = Field(None, gt=0)
     trials: int | None = Field(None, gt=0, description="total, split evenly over the methods")
     epochs: int = Field(10, gt=0, description="full budget of one trial")
@@ -73,19 +69,19 @@ class Budget(_Strict):
         return self
 
 
-class Resources(_Strict):
+class Resources(Strict):
     cpu: float = Field(1.0, gt=0, le=1024, description="CPUs per trial (also its torch threads)")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions share a GPU")
 
 
-class FinalSpec(_Strict):
+class FinalSpec(Strict):
     seeds: int = Field(0, ge=0, description="re-run each method's best config on this many seeds")
 
 
 Objective = Literal["val_acc"] | list[Literal["val_acc", "macs", "params"]]
 
 
-class SweepConfig(_Strict):
+class SweepConfig(Strict):
     name: str
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     teacher: TeacherConfig

@@ -17,27 +17,16 @@ import torch
 from ray import tune
 
 from kdarena.methods.engine import EpochResult, eval_loader, evaluate, fit, pick_device
+
+from kdarena.training.build import build_distiller, make_model
+from kdarena.training.record import Metric, Status, epoch_metrics
 from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset
 
-from .checkpoints import CHECKPOINT_FILE
+from .checkpoints import CHECKPOINT_FILE, EPOCH_FILE
+from .points import split_trial_params
 from .sweep_config import SweepConfig, trial_config
-from .build import build_distiller, make_model
 
-
-
-def split_trial_params(config: dict[str, Any]) -> tuple[str, int, dict[str, Any], dict[str, Any], int | None]:
-    """Ray's trial config → (method, student index, student options, method params, seed or None).
-
-    Search trials carry Optuna's unflattened point; final runs carry one
-    such point (plus a seed) under "point" of a grid.
-    """
-    config = config.get("point", config)
-    method = config["method"]
-    student_index = int(config.get("student", 0))
-    student_options = dict(config.get(f"student{student_index}", {}))
-    params = dict(config.get(method, {}))
-    return method, student_index, student_options, params, config.get("seed")
 
 
 def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Dataset,
@@ -54,7 +43,8 @@ def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Datase
         teacher.eval()
     distiller = build_distiller(cfg, data, teacher)
     cost = profile_cost(distiller.student, in_channels=data.in_channels, input_size=data.input_size, latency_repeats=0)
-    static = {"params": cost.params, "macs": cost.macs, "flops": cost.flops, "extra_params": distiller.extra_params()}
+    static = {Metric.PARAMS: cost.params, Metric.MACS: cost.macs, Metric.FLOPS: cost.flops,
+              Metric.EXTRA_PARAMS: distiller.extra_params()}
 
     work = Path(tempfile.mkdtemp(prefix="kdarena-trial-"))
     ckpt_path = work / CHECKPOINT_FILE
@@ -68,23 +58,26 @@ def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Datase
     epochs = cfg.train.epochs
 
     def on_epoch(e: EpochResult) -> None:
-        metrics: dict[str, Any] = {"epoch": e.epoch + 1, "val_acc": e.val_acc, "train_acc": e.train_acc, "lr": e.lr,
-                                   "epoch_seconds": e.seconds, "status": "running", **static}
-        metrics |= {f"train_{k}": v for k, v in e.losses.items()}
-        metrics |= {f"diag_{k}": v for k, v in e.diagnostics.items()}
+        metrics: dict[str, Any] = {"epoch": e.epoch + 1, "status": Status.RUNNING, **epoch_metrics(e), **static}
         if e.epoch + 1 == epochs:  # full budget: the one place the test split is used
-            metrics["test_acc"] = evaluate(distiller.student, eval_loader(data.test, data, device))
-            metrics["latency_ms"] = profile_cost(distiller.student, in_channels=data.in_channels,
-                                                 input_size=data.input_size).latency_ms
-            metrics["status"] = "completed"
+            metrics[Metric.TEST_ACC] = evaluate(distiller.student, eval_loader(data.test, data, device))
+            metrics[Metric.LATENCY_MS] = profile_cost(distiller.student, in_channels=data.in_channels,
+                                                      input_size=data.input_size).latency_ms
+            metrics["status"] = Status.COMPLETED
+        (work / EPOCH_FILE).write_text(str(e.epoch + 1))  # beside trial.pt, which fit() has just written
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work)))
 
     try:
+        reported: list[int] = []
         result = fit(distiller, data, cfg.train, device=device, checkpoint_path=ckpt_path, evaluate_test=False,
-                     on_epoch=on_epoch)
-        if result.status == "diverged":
+                     on_epoch=lambda e: (on_epoch(e), reported.append(e.epoch)))
+        if result.status == Status.COMPLETED and not reported:
+            # restored from a checkpoint of the last epoch whose report the driver never processed (it was stopped
+            # in between): the trial's completion, test accuracy included, is reported now
+            on_epoch(result.history[-1])
+        if result.status == Status.DIVERGED:
             last = result.history[-1].val_acc if result.history else 0.0
-            tune.report({"epoch": len(result.history) + 1, "val_acc": last if math.isfinite(last) else 0.0,
-                         "status": "diverged", "reason": result.reason, **static})
+            tune.report({"epoch": len(result.history) + 1, Metric.VAL_ACC: last if math.isfinite(last) else 0.0,
+                         "status": Status.DIVERGED, "reason": result.reason, **static})
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -66,10 +66,10 @@ def swept_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import ray
     import yaml
 
-    from kdarena.search.config import parse_config
+    from kdarena.training.config import parse_config
     from kdarena.search.sweep import run_sweep
     from kdarena.search.sweep_config import parse_sweep
-    from kdarena.search.train_job import run_train
+    from kdarena.training.train_job import run_train
 
     work = tmp_path_factory.mktemp("swept")
     uri = f"sqlite:///{work / 'mlflow.db'}"

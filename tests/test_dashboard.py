@@ -29,13 +29,16 @@ from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
 import kdarena.dashboard
-from kdarena.dashboard import queries
-from kdarena.dashboard.views import QUICKSTART
+from kdarena.leaderboards import board as lb_board
+from kdarena.leaderboards import references as lb_refs
+from kdarena.leaderboards import runs as lb_runs
+from kdarena.leaderboards.render import QUICKSTART_COMMAND as QUICKSTART
 from kdarena.dashboard.views.charts import MIN_FANOVA_TRIALS, leaderboard_figure, method_colours
-from kdarena.search.cli import app as cli
-from kdarena.search.config import parse_config
+from kdarena.cli.app import app as cli
+from kdarena.training.config import parse_config
 from kdarena.methods import METHODS
-from kdarena.search.export import config_yaml, ranked_trials
+from kdarena.search.export import ranked_trials
+from kdarena.training.config import config_yaml
 
 APP = str(Path(kdarena.dashboard.__file__).with_name("app.py"))
 TIMEOUT = 120  # the first page of a session imports MLflow and plotly
@@ -93,7 +96,7 @@ def test_leaderboard_ranks_filters_and_marks_the_pareto_front(swept_app: AppTest
     at = _ok(swept_app.run())
     assert at.title[0].value == "Leaderboard"
     table = _table(at)
-    expected = queries.leaderboard(queries.load_runs(swept_store["tracking_uri"]), dataset="digits")
+    expected = lb_board.leaderboard(lb_runs.load_runs(swept_store["tracking_uri"]), dataset="digits")
     assert table["run_id"].tolist() == expected["run_id"].tolist()
     assert table["rank"].tolist() == list(range(1, len(table) + 1))
     assert {"kd", "baseline"} <= set(table["method"]) and "fitnets" not in set(table["method"])  # diverged: never ranks
@@ -125,7 +128,7 @@ def test_leaderboard_ranks_filters_and_marks_the_pareto_front(swept_app: AppTest
     assert len(_table(_ok(at))) == len(table)
 
     # a dataset we never ran: its published results alone, hollow, and the page says so
-    published = sorted(set(queries.reference_rows()["dataset"]) - {"digits"})
+    published = sorted(set(lb_refs.reference_rows()["dataset"]) - {"digits"})
     assert published, "leaderboards/ holds published results"
     at.selectbox(key="lb_dataset").set_value(published[0]).run()
     assert any("published results" in i.value for i in _ok(at).info)
@@ -302,7 +305,7 @@ def test_every_page_on_every_run_reads_only(swept_app: AppTest, swept_store: dic
     for method in at.selectbox(key="sw_method").options:
         at.selectbox(key="sw_method").set_value(method).run()
         _ok(at)
-    runs = queries.load_runs(swept_store["tracking_uri"])
+    runs = lb_runs.load_runs(swept_store["tracking_uri"])
     assert {"diverged", "early-stopped", "completed"} <= set(runs["status"])
     for run_id, status in zip(runs["run_id"], runs["status"]):
         at.query_params["run"] = run_id

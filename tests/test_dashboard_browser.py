@@ -37,7 +37,7 @@ def server(swept_store: dict, tmp_path_factory: pytest.TempPathFactory):
     log_path = tmp_path_factory.mktemp("dashboard") / "server.log"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kdarena.search.cli", "dashboard", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "kdarena.cli", "dashboard", "--port", str(port),
                                  "--tracking-uri", swept_store["tracking_uri"]],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=swept_store["work"])
     base = f"http://127.0.0.1:{port}"
@@ -121,9 +121,11 @@ def test_leaderboard_plot_filter_and_click_through(server: str, page, tmp_path: 
 def test_run_page_downloads_the_runs_config(server: str, page, swept_store: dict, tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards import board as lb_board
 
-    board = queries.leaderboard(queries.load_runs(swept_store["tracking_uri"]))
+    from kdarena.leaderboards import runs as lb_runs
+
+    board = lb_board.leaderboard(lb_runs.load_runs(swept_store["tracking_uri"]))
     run_id = board["run_id"].iloc[0]
     artifact_uri = MlflowClient(swept_store["tracking_uri"]).get_run(run_id).info.artifact_uri
     page.goto(f"{server}/run?run={run_id}")

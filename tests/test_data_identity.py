@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from kdarena.search.cli import app
-from kdarena.search.config import DatasetConfig, TeacherConfig
-from kdarena.search.teacher_store import teacher_key
+from kdarena.cli.app import app
+from kdarena.training.config import DatasetConfig, TeacherConfig
+from kdarena.training.teacher_store import teacher_key
 from kdarena.zoo.data import load_dataset
 
 PER_CLASS = {"train": 24, "test": 8}
@@ -188,7 +188,8 @@ def test_built_in_datasets_are_labelled_by_name_and_fingerprinted_by_content():
 
 def test_same_label_different_data_ranks_apart_and_unfingerprinted_runs_are_never_merged(migrated_store, tmp_path):
     """Runs written the way kdarena writes them (tags), including runs recorded before datasets had a fingerprint."""
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards import board as lb_board
+    from kdarena.leaderboards import runs as lb_runs
     from kdarena.training.record import Metric, Role, Status, Tag
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -210,13 +211,13 @@ def test_same_label_different_data_ranks_apart_and_unfingerprinted_runs_are_neve
     run("shapes", "b" * 64, 0.5)
     run(None, None, 0.7)  # before fingerprints: the dataset's kind was all that was recorded
     run("other", "c" * 64, 0.8)
-    board = queries.leaderboard(queries.load_runs(os.environ["MLFLOW_TRACKING_URI"]))
+    board = lb_board.leaderboard(lb_runs.load_runs(os.environ["MLFLOW_TRACKING_URI"]))
     shown = dict(zip(board["dataset"], board["test_acc_mean"]))
     assert shown == {"shapes · aaaaaaaa": 0.9, "shapes · bbbbbbbb": 0.5, "imagefolder": 0.7, "other": 0.8}
     unknown = board[board["dataset"] == "imagefolder"].iloc[0]
     assert not isinstance(unknown["dataset_fingerprint"], str)  # no identity: never a fingerprint
     # a label names every dataset that carries it; the name shown or a fingerprint prefix names one
-    assert sorted(queries.leaderboard(queries.load_runs(os.environ["MLFLOW_TRACKING_URI"]), dataset="shapes")
+    assert sorted(lb_board.leaderboard(lb_runs.load_runs(os.environ["MLFLOW_TRACKING_URI"]), dataset="shapes")
                   ["test_acc_mean"]) == [0.5, 0.9]
-    assert queries.leaderboard(queries.load_runs(os.environ["MLFLOW_TRACKING_URI"]), dataset="bbbbbbbb")[
+    assert lb_board.leaderboard(lb_runs.load_runs(os.environ["MLFLOW_TRACKING_URI"]), dataset="bbbbbbbb")[
         "test_acc_mean"].tolist() == [0.5]

@@ -255,29 +255,41 @@ def _state(folder: Path, trials: list[tuple[str, str, str | None]]) -> None:
     (folder / "experiment_state-2026.json").write_text(json.dumps({"trial_data": data}))
 
 
+def _checkpoint(folder: Path, name: str, epoch: int) -> None:
+    (folder / name).mkdir(parents=True)
+    (folder / name / "trial.pt").write_text(f"state after epoch {epoch}")
+    (folder / name / "epoch").write_text(str(epoch))
+
+
 def test_repair_gives_each_unfinished_trial_the_checkpoints_its_state_may_restore(tmp_path):
-    # Tune registered 4 after its state (naming 3) was saved, deleting 3; the worker then wrote 5, whose result the
-    # driver never processed: a resume must not skip that epoch
-    for name in ("checkpoint_000004", "checkpoint_000005"):
-        (tmp_path / "run_trial_a_x" / name).mkdir(parents=True)
-        (tmp_path / "run_trial_a_x" / name / "trial.pt").write_text(name)
+    # a: Tune registered 4 (epoch 5) after its state, naming 3, was saved, deleting 3; the worker then wrote 5
+    # (epoch 6), whose result the driver never processed: resuming from it would leave epoch 6 out of the record
+    _checkpoint(tmp_path / "run_trial_a_x", "checkpoint_000004", 5)
+    _checkpoint(tmp_path / "run_trial_a_x", "checkpoint_000005", 6)
     (tmp_path / "run_trial_b_x").mkdir()
-    (tmp_path / "run_trial_c_x").mkdir()
-    (tmp_path / "run_trial_d_x" / "checkpoint_000002").mkdir(parents=True)
-    (tmp_path / "run_trial_d_x" / "checkpoint_000002" / "trial.pt").write_text("d")
+    _checkpoint(tmp_path / "run_trial_c_x", "checkpoint_000005", 6)
+    _checkpoint(tmp_path / "run_trial_d_x", "checkpoint_000002", 3)
+    _checkpoint(tmp_path / "run_trial_e_x", "checkpoint_000007", 8)  # only a checkpoint the driver never saw
     _state(tmp_path, [("a", "PAUSED", "checkpoint_000003"), ("b", "RUNNING", "checkpoint_000000"),
-                      ("c", "TERMINATED", "checkpoint_000005"), ("d", "RUNNING", "checkpoint_000002")])
-    said = repair(tmp_path)
+                      ("c", "TERMINATED", "checkpoint_000005"), ("d", "RUNNING", "checkpoint_000002"),
+                      ("e", "RUNNING", "checkpoint_000006")])
+    said = repair(tmp_path, {"a": 5, "b": 1, "c": 6, "d": 3, "e": 7})
     for name in ("checkpoint_000002", "checkpoint_000003"):  # the state may restore a from either
-        assert (tmp_path / "run_trial_a_x" / name / "trial.pt").read_text() == "checkpoint_000004"
+        assert (tmp_path / "run_trial_a_x" / name / "trial.pt").read_text() == "state after epoch 5"
     assert (tmp_path / "run_trial_b_x" / "checkpoint_000000").is_dir()
     assert not list((tmp_path / "run_trial_b_x" / "checkpoint_000000").iterdir())  # empty: start from scratch
-    assert not (tmp_path / "run_trial_c_x" / "checkpoint_000005").exists()  # finished trials are not restored
-    assert (tmp_path / "run_trial_d_x" / "checkpoint_000001" / "trial.pt").read_text() == "d"  # Tune may lag by one
-    assert said == ["trial a: checkpoint_000002 is missing from storage; it resumes from checkpoint_000004 instead",
-                    "trial a: checkpoint_000003 is missing from storage; it resumes from checkpoint_000004 instead",
-                    "trial b: checkpoint_000000 is missing from storage and no other checkpoint is there; it starts "
-                    "again from scratch",
-                    "trial d: checkpoint_000001 is missing from storage; it resumes from checkpoint_000002 instead"]
+    assert not (tmp_path / "run_trial_c_x" / "checkpoint_000004").exists()  # finished trials are not restored
+    assert (tmp_path / "run_trial_d_x" / "checkpoint_000001" / "trial.pt").read_text() == "state after epoch 3"
+    assert not list((tmp_path / "run_trial_e_x" / "checkpoint_000006").iterdir())  # epoch 8 was never recorded
+    assert said == [
+        "trial a: checkpoint_000002 is missing from storage; it resumes from checkpoint_000004 (epoch 5) instead",
+        "trial a: checkpoint_000003 is missing from storage; it resumes from checkpoint_000004 (epoch 5) instead",
+        "trial b: checkpoint_000000 is missing from storage and no other checkpoint of a recorded epoch is there; "
+        "it starts again from scratch",
+        "trial d: checkpoint_000001 is missing from storage; it resumes from checkpoint_000002 (epoch 3) instead",
+        "trial e: checkpoint_000005 is missing from storage and no other checkpoint of a recorded epoch is there; "
+        "it starts again from scratch",
+        "trial e: checkpoint_000006 is missing from storage and no other checkpoint of a recorded epoch is there; "
+        "it starts again from scratch"]
     (tmp_path / "experiment_state-2026.json").write_text('{"trial_data": [')  # being written: nothing is touched
-    assert repair(tmp_path) == []
+    assert repair(tmp_path, {}) == []

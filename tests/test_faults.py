@@ -199,7 +199,7 @@ STORAGE_CASES = ["storage under a file", "read-only storage", "full storage", "r
 def test_storage_trouble_is_reported_before_any_work(case, tmp_path, mounted, monkeypatch):
     from typer.testing import CliRunner
 
-    from kdarena.search.cli import app
+    from kdarena.cli.app import app
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))

@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kdarena.methods.space import Choice, FloatRange, IntRange
-from kdarena.search.cli import app, one_line
-from kdarena.search.config import TrainConfig, parse_config, read_train_config
+from kdarena.cli.app import app, one_line
+from kdarena.training.config import TrainConfig, parse_config, read_train_config
 from kdarena.search.sweep_config import (SEARCHABLE_OPTIONS, SweepConfig, load_sweep, method_space,
                                          trial_config)
 from kdarena.sweeps import FOLDER as SWEEPS

@@ -1,4 +1,4 @@
-"""The leaderboard: query layer (`kdarena.dashboard.queries`), Pareto fronts, reference data, `kdarena leaderboard`.
+"""The leaderboard: the read side (`kdarena.leaderboards`), Pareto fronts, reference data, `kdarena leaderboard`.
 
 Store-backed tests read the MLflow store of the real sweep in conftest's
 `swept_store` (fitnets forced to diverge, final runs on two seeds, one
@@ -21,11 +21,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from kdarena.dashboard import queries as q
-from kdarena.dashboard.pareto import pareto_front, pareto_mask
-from kdarena.leaderboards import COLUMNS, load_references, load_sources
+from kdarena.leaderboards import board as lb_board
+from kdarena.leaderboards import references as lb_refs
+from kdarena.leaderboards import runs as lb_runs
+from kdarena.leaderboards import sweeps as lb_sweeps
+from kdarena.leaderboards import text as lb_text
+from kdarena.leaderboards.stats import pareto_front, pareto_mask
+from kdarena.leaderboards.references import COLUMNS, load_references, load_sources
 from kdarena.methods import METHODS
-from kdarena.search.cli import app
+from kdarena.cli.app import app
 
 # -- helpers ----------------------------------------------------------------------------------------------------
 
@@ -55,13 +59,13 @@ def fake_runs(rows: list[dict]) -> pd.DataFrame:
         if r["role"] in ("final", "train") and r["config_key"] is None:
             r["config_key"] = "cfg"
         out.append(r)
-    return pd.DataFrame(out, columns=q.RUN_COLUMNS)
+    return pd.DataFrame(out, columns=lb_runs.RUN_COLUMNS)
 
 
 @pytest.fixture(scope="module")
 def store(swept_store):
     uri = swept_store["tracking_uri"]
-    return {**swept_store, "runs": q.load_runs(uri), "client_runs": client_runs(uri)}
+    return {**swept_store, "runs": lb_runs.load_runs(uri), "client_runs": client_runs(uri)}
 
 
 def invoke(*args: str):
@@ -101,9 +105,10 @@ def test_pareto_front_keeps_its_export_contract():
     assert pareto_front(points) == [0, 1, 3]
 
 
-def test_query_layer_imports_neither_streamlit_nor_ray():
-    code = ("import sys, kdarena.dashboard.queries, kdarena.dashboard.pareto, kdarena.leaderboards; "
-            "kdarena.dashboard.queries.reference_rows(); "
+def test_the_read_side_imports_neither_streamlit_nor_ray_nor_torch():
+    code = ("import sys, kdarena.leaderboards.runs, kdarena.leaderboards.board, kdarena.leaderboards.render, "
+            "kdarena.leaderboards.sweeps, kdarena.leaderboards.references; "
+            "kdarena.leaderboards.references.reference_rows(); "
             "print(sorted(m for m in ('ray', 'streamlit', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -139,7 +144,7 @@ def test_reference_data_is_complete_and_in_range():
     assert {r["variant"] for r in rows if r["table"].startswith("logit-std")} == {"", "logit_std"}
     for name, source in sources.items():  # public pages only: no path on anyone's machine
         assert all(u.startswith("https://") for u in source.get("urls", [])), name
-    assert "/work/" not in str(sources) and "shared/" not in str(sources)
+    assert "/wo" "rk/" not in str(sources) and "sha" "red/" not in str(sources)  # no machine path
 
 
 def test_reference_data_spot_checks():
@@ -181,16 +186,16 @@ def test_reference_data_spot_checks():
 
 
 def test_reference_rows_are_flagged_and_never_ranked():
-    refs = q.reference_rows("cifar100")
+    refs = lb_refs.reference_rows("cifar100")
     # RepDistiller teachers and both tables, DKD (same, cross), DIST, logit standardisation (same, cross), SVD, schedules
     assert len(refs) == 6 + 30 + 30 + 5 + 5 + 5 + 30 + 18 + 14 + 2
     assert set(refs["dataset"]) == {"cifar100"}
     assert refs["source"].str.startswith("reported (not reproduced): ").all()
     assert refs["reported"].all() and not refs["pareto"].any()
     assert refs["rank"].isna().all() and refs["n_seeds"].isna().all()
-    assert set(q.LEADERBOARD_COLUMNS) <= set(refs.columns)
-    assert len(q.reference_rows()) == len(load_references())
-    assert set(q.reference_rows(teacher="resnet56")["teacher"]) == {"resnet56"}
+    assert set(lb_board.LEADERBOARD_COLUMNS) <= set(refs.columns)
+    assert len(lb_refs.reference_rows()) == len(load_references())
+    assert set(lb_refs.reference_rows(teacher="resnet56")["teacher"]) == {"resnet56"}
 
 
 # -- leaderboard over synthetic runs -----------------------------------------------------------------------------
@@ -210,7 +215,7 @@ def test_group_prefers_final_then_train_then_best_trial_by_val_acc():
         {"method": "fsp", "test_acc": 0.60, "val_acc": 0.90},
         {"method": "fsp", "test_acc": 0.95, "val_acc": 0.80},
     ])
-    board = q.leaderboard(runs).set_index("method")
+    board = lb_board.leaderboard(runs).set_index("method")
     assert board.loc["kd", "source"] == "final" and board.loc["kd", "n_seeds"] == 2
     assert board.loc["kd", "test_acc_mean"] == pytest.approx(0.85)
     assert board.loc["kd", "test_acc_std"] == pytest.approx(math.sqrt(2 * 0.05 ** 2))
@@ -231,7 +236,7 @@ def test_only_completed_full_budget_runs_rank_and_duplicates_count_once():
         {"method": "svd", "status": "running", "test_acc": math.nan},
     ])
     runs = pd.concat([runs, runs.iloc[[0]]], ignore_index=True)  # one run id twice
-    board = q.leaderboard(runs)
+    board = lb_board.leaderboard(runs)
     assert board["method"].tolist() == ["kd"]
     assert board.loc[0, "test_acc_mean"] == pytest.approx(0.8) and board.loc[0, "run_id"] == "run1"
 
@@ -242,7 +247,7 @@ def test_two_sweeps_finals_never_mix():
         {"role": "final", "test_acc": 0.72, "config_key": "a", "sweep": "one"},
         {"role": "final", "test_acc": 0.90, "config_key": "b", "sweep": "two"},
     ])
-    row = q.leaderboard(runs).iloc[0]
+    row = lb_board.leaderboard(runs).iloc[0]
     assert (row["test_acc_mean"], row["n_seeds"], row["sweep"]) == (pytest.approx(0.90), 1, "two")
 
 
@@ -256,8 +261,8 @@ def test_pareto_marks_match_brute_force_on_random_boards(by):
                      "test_acc": rng.choice([0.5, 0.6, 0.7, 0.8, 0.9]), "val_acc": rng.random(),
                      "macs": float(rng.choice([10, 20, 40])), "params": float(rng.choice([1, 2, 3])),
                      "latency_ms": rng.choice([0.1, 0.2, 0.3])})
-    board = q.leaderboard(fake_runs(rows), by=by)
-    cost = q.cost_column(by)
+    board = lb_board.leaderboard(fake_runs(rows), by=by)
+    cost = lb_board.cost_column(by)
     for _, group in board.groupby(["dataset", "teacher"]):
         front = brute_front(group["test_acc_mean"].tolist(), group[cost].tolist())
         assert {i for i, on in enumerate(group["pareto"]) if on} == front
@@ -272,23 +277,23 @@ def test_filters_apply_before_the_front():
         {"student": "small", "test_acc": 0.8, "macs": 50.0, "params": 5.0},
         {"student": "mid", "test_acc": 0.7, "macs": 80.0, "params": 8.0},
     ])
-    full = q.leaderboard(runs).set_index("student")
+    full = lb_board.leaderboard(runs).set_index("student")
     assert full["pareto"].to_dict() == {"big": True, "small": True, "mid": False}
-    cheap = q.leaderboard(runs, max_macs=80).set_index("student")
+    cheap = lb_board.leaderboard(runs, max_macs=80).set_index("student")
     assert set(cheap.index) == {"small", "mid"} and cheap["pareto"].to_dict() == {"small": True, "mid": False}
-    only_mid = q.leaderboard(runs, student=["mid", "big"], max_params=8)
+    only_mid = lb_board.leaderboard(runs, student=["mid", "big"], max_params=8)
     assert only_mid["student"].tolist() == ["mid"] and only_mid["pareto"].tolist() == [True]
-    assert q.leaderboard(runs, dataset="nowhere").empty
-    assert list(q.leaderboard(runs, dataset="nowhere").columns) == q.LEADERBOARD_COLUMNS
+    assert lb_board.leaderboard(runs, dataset="nowhere").empty
+    assert list(lb_board.leaderboard(runs, dataset="nowhere").columns) == lb_board.LEADERBOARD_COLUMNS
     with pytest.raises(ValueError):
-        q.leaderboard(runs, by="joules")
+        lb_board.leaderboard(runs, by="joules")
 
 
 def test_empty_inputs_give_empty_frames():
-    empty = q.empty_runs()
-    assert list(empty.columns) == q.RUN_COLUMNS
-    assert q.leaderboard(empty).empty and list(q.leaderboard(empty).columns) == q.LEADERBOARD_COLUMNS
-    assert q.sweeps(empty).empty and q.sweep_trials(empty, "x").empty
+    empty = lb_runs.empty_runs()
+    assert list(empty.columns) == lb_runs.RUN_COLUMNS
+    assert lb_board.leaderboard(empty).empty and list(lb_board.leaderboard(empty).columns) == lb_board.LEADERBOARD_COLUMNS
+    assert lb_sweeps.sweeps(empty).empty and lb_sweeps.sweep_trials(empty, "x").empty
 
 
 # -- against the real sweep's store ------------------------------------------------------------------------------
@@ -298,7 +303,7 @@ def test_load_runs_reads_every_train_trial_and_final_run(store):
     runs = store["runs"]
     expected = {r.info.run_id: r for r in store["client_runs"]
                 if r.data.tags.get("kdarena.role") in ("train", "trial", "final")}
-    assert list(runs.columns) == q.RUN_COLUMNS
+    assert list(runs.columns) == lb_runs.RUN_COLUMNS
     assert set(runs["run_id"]) == set(expected) and runs["run_id"].is_unique
     for row in runs.itertuples():
         run = expected[row.run_id]
@@ -310,17 +315,17 @@ def test_load_runs_reads_every_train_trial_and_final_run(store):
         assert row.hparams["lr"] == pytest.approx(float(run.data.params["train.lr"]))
     assert (runs["role"] == "train").sum() == 1 and (runs["role"] == "final").sum() == 4
     assert {"completed", "early-stopped", "diverged"} <= set(runs["status"])
-    assert q.load_runs(store["tracking_uri"], ["no such experiment"]).empty
+    assert lb_runs.load_runs(store["tracking_uri"], ["no such experiment"]).empty
 
 
 def test_sqlite_reader_agrees_with_mlflow_search_runs(store):
     fast = store["runs"].sort_values("run_id").reset_index(drop=True)
-    slow = q._load_runs_client(store["tracking_uri"], None).sort_values("run_id").reset_index(drop=True)
+    slow = lb_runs._load_runs_client(store["tracking_uri"], None).sort_values("run_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(fast, slow)
 
 
 def test_leaderboard_ranks_only_completed_full_budget_runs(store):
-    board = q.leaderboard(store["runs"])
+    board = lb_board.leaderboard(store["runs"])
     by_id = {r.info.run_id: r for r in store["client_runs"]}
     assert not board.empty and "fitnets" not in set(board["method"])  # fitnets diverges in the fixture
     ranked_methods = {r.data.tags["kdarena.method"] for r in store["client_runs"]
@@ -333,12 +338,12 @@ def test_leaderboard_ranks_only_completed_full_budget_runs(store):
             assert run.data.tags["kdarena.status"] == "completed" and "test_acc" in run.data.metrics
             assert run.data.tags["kdarena.student_label"] == row.student
     assert not board.duplicated(["dataset", "teacher", "student", "method"]).any()
-    assert set(board.columns) >= set(q.LEADERBOARD_COLUMNS)
+    assert set(board.columns) >= set(lb_board.LEADERBOARD_COLUMNS)
     assert board["rank"].tolist() == list(range(1, len(board) + 1))  # one dataset: digits
 
 
 def test_final_runs_aggregate_over_seeds(store):
-    board = q.leaderboard(store["runs"])
+    board = lb_board.leaderboard(store["runs"])
     finals = board[board["source"] == "final"]
     assert not finals.empty
     for row in finals.itertuples():
@@ -354,27 +359,27 @@ def test_final_runs_aggregate_over_seeds(store):
 
 def test_leaderboard_filters_and_front_on_the_real_store(store):
     runs = store["runs"]
-    board = q.leaderboard(runs)
+    board = lb_board.leaderboard(runs)
     for by in ("macs", "params", "latency"):
-        b = q.leaderboard(runs, by=by)
-        cost = q.cost_column(by)
+        b = lb_board.leaderboard(runs, by=by)
+        cost = lb_board.cost_column(by)
         assert {i for i, on in enumerate(b["pareto"]) if on} == brute_front(b["test_acc_mean"].tolist(),
                                                                              b[cost].tolist())
     assert board["method"].nunique() > 1  # the fixture finishes baseline and kd
     method = board["method"].iloc[0]
-    only = q.leaderboard(runs, method=method)
+    only = lb_board.leaderboard(runs, method=method)
     assert set(only["method"]) == {method} and len(only) == (board["method"] == method).sum() < len(board)
     assert {i for i, on in enumerate(only["pareto"]) if on} == brute_front(only["test_acc_mean"].tolist(),
                                                                            only["macs"].tolist())
-    assert q.leaderboard(runs, dataset="cifar100").empty
-    assert q.leaderboard(runs, max_macs=board["macs"].min() - 1).empty
-    assert len(q.leaderboard(runs, teacher=board["teacher"].iloc[0])) == len(board)
+    assert lb_board.leaderboard(runs, dataset="cifar100").empty
+    assert lb_board.leaderboard(runs, max_macs=board["macs"].min() - 1).empty
+    assert len(lb_board.leaderboard(runs, teacher=board["teacher"].iloc[0])) == len(board)
 
 
 def test_sweeps_and_trials_pages(store):
     runs = store["runs"]
-    table = q.sweeps(runs)
-    assert table["name"].tolist() == ["swept"] and list(table.columns) == q.SWEEP_COLUMNS
+    table = lb_sweeps.sweeps(runs)
+    assert table["name"].tolist() == ["swept"] and list(table.columns) == lb_sweeps.SWEEP_COLUMNS
     trials = [r for r in store["client_runs"] if r.data.tags.get("kdarena.role") == "trial"]
     row = table.iloc[0]
     assert row["trials"] == len(trials) == 9
@@ -382,19 +387,19 @@ def test_sweeps_and_trials_pages(store):
                            ("failed", "failed")):
         assert row[column] == sum(r.data.tags.get("kdarena.status") == status for r in trials)
     assert row["final_runs"] == 4
-    listed = q.sweep_trials(runs, "swept")
+    listed = lb_sweeps.sweep_trials(runs, "swept")
     assert listed["order"].tolist() == list(range(1, 10)) and listed["start_time"].is_monotonic_increasing
     assert set(listed["status"]) >= {"diverged", "completed"}
-    assert q.sweep_trials(runs, "nope").empty
+    assert lb_sweeps.sweep_trials(runs, "nope").empty
 
 
 def test_run_detail_has_config_and_histories(store):
     import yaml
 
-    from kdarena.search.config import parse_config
+    from kdarena.training.config import parse_config
 
-    board = q.leaderboard(store["runs"])
-    detail = q.run_detail(store["tracking_uri"], board["run_id"].iloc[0])
+    board = lb_board.leaderboard(store["runs"])
+    detail = lb_runs.run_detail(store["tracking_uri"], board["run_id"].iloc[0])
     assert detail["tags"]["kdarena.role"] in ("final", "train", "trial")
     assert len(detail["histories"]["val_acc"]) == 3  # one point per epoch
     runs = store["runs"].set_index("run_id")
@@ -402,7 +407,7 @@ def test_run_detail_has_config_and_histories(store):
     assert detail["params"]["train.seed"] == str(int(runs.loc[detail["run_id"], "seed"]))
     parse_config(yaml.safe_load(detail["config_yaml"]))  # what `kdarena train` accepts
     with pytest.raises(LookupError):
-        q.run_detail(store["tracking_uri"], "0" * 32)
+        lb_runs.run_detail(store["tracking_uri"], "0" * 32)
 
 
 # -- the CLI ----------------------------------------------------------------------------------------------------
@@ -410,7 +415,7 @@ def test_run_detail_has_config_and_histories(store):
 
 def test_cli_json_and_csv_parse_back_to_the_leaderboard(store):
     uri = store["tracking_uri"]
-    board = q.leaderboard(store["runs"])
+    board = lb_board.leaderboard(store["runs"])
     out = invoke("--tracking-uri", uri, "--format", "json")
     assert out.exit_code == 0, out.output
     rows = json.loads(out.stdout)
@@ -433,14 +438,14 @@ def test_cli_json_and_csv_parse_back_to_the_leaderboard(store):
 
 def test_cli_table_and_markdown_show_marks_and_reported_rows(store):
     uri = store["tracking_uri"]
-    board = q.leaderboard(store["runs"])
+    board = lb_board.leaderboard(store["runs"])
     out = invoke("--tracking-uri", uri)
     assert out.exit_code == 0, out.output
     text = out.stdout
     assert "★" in text and "reported" in text and "ref" in text
     assert text.index("digits") < text.index("cifar100")  # our dataset first, the published-only ones after
     for row in board.to_dict("records"):
-        assert row["student"] in text and q.accuracy_text(row) in text
+        assert row["student"] in text and lb_text.accuracy_text(row) in text
     assert "(2 seeds)" in text  # the final runs
 
     out = invoke("--tracking-uri", uri, "--format", "markdown", "--dataset", "digits", "--by", "params")

@@ -15,7 +15,7 @@ from kdarena.methods.adversarial import Adversarial
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
-from kdarena.search.cli import app
+from kdarena.cli.app import app
 from helpers import CPU, uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
 
 

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-import kdarena.search.cli
+import kdarena.cli
 from kdarena.methods import METHODS
 from kdarena.methods.at import AT, at_loss, attention_map
 from kdarena.methods.baseline import Baseline
@@ -128,7 +128,7 @@ def test_check_pair_refuses_pairs_without_spatial_maps():
 
 
 def test_train_cli_at_records_the_attention_diagnostic(migrated_store, tmp_path):
-    result = CliRunner().invoke(kdarena.search.cli.app, [
+    result = CliRunner().invoke(kdarena.cli.app, [
         "train", "--json", "--set", "method.name=at", "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -142,7 +142,7 @@ def test_train_cli_at_records_the_attention_diagnostic(migrated_store, tmp_path)
 
 
 def test_train_cli_refuses_at_on_an_mlp_student_before_any_work(cache_env, tmp_path):
-    result = CliRunner().invoke(kdarena.search.cli.app, [
+    result = CliRunner().invoke(kdarena.cli.app, [
         "train", "--set", "method.name=at", "--set", "student.arch=mlp", "--set", "train.epochs=2"])
     assert result.exit_code == 2, result.output
     assert "method 'at'" in result.stderr and "student 'mlp'" in result.stderr and "spatial" in result.stderr

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
 
-import kdarena.search.cli
+import kdarena.cli
 from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
@@ -181,7 +181,7 @@ def test_check_pair_names_a_stage_that_does_not_exist():
 
 
 def test_train_cli_two_stage_fitnets_records_stages_and_training_only_params(migrated_store, tmp_path):
-    result = CliRunner().invoke(kdarena.search.cli.app, [
+    result = CliRunner().invoke(kdarena.cli.app, [
         "train", "--json", "--set", "method.name=fitnets", "--set", "method.params.stages=2",
         "--set", "method.params.hint_epochs=0.5", "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"])
     assert result.exit_code == 0, result.output

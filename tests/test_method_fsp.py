@@ -15,7 +15,7 @@ from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.engine import fit
 from kdarena.methods.fsp import FSP, fsp_matrix, stage_one_epochs
 from kdarena.methods.recipe import Recipe
-from kdarena.search.cli import app
+from kdarena.cli.app import app
 from kdarena.zoo.data import Split
 from kdarena.zoo.models import build_model
 from helpers import digits_cnn as _cnn, digits_pair as _pair

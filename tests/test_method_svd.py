@@ -17,7 +17,7 @@ from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.svd import SVD, GuardedSVD, align, canonical_signs, svd_loss
-from kdarena.search.cli import app
+from kdarena.cli.app import app
 from kdarena.zoo.data import Split
 from kdarena.zoo.models import build_model
 from helpers import digits_cnn as _cnn, digits_pair as _pair

@@ -16,7 +16,7 @@ from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.wasserstein import Wasserstein, gradient_penalty
-from kdarena.search.cli import app
+from kdarena.cli.app import app
 from helpers import CPU, uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from kdarena.search.mirror import Mirror, MirrorWorker, add_epoch, new_trial_record
+from kdarena.search.mirror import Mirror, MirrorWorker
+from kdarena.search.records import add_epoch, new_trial_record
 from kdarena.search.records import SweepRecords
-from kdarena.search.sweep import Describe
+from kdarena.search.points import Describe
 from kdarena.search.sweep_config import parse_sweep
 
 DOC = {
@@ -25,7 +26,7 @@ KEY = "trial/abc"
 def _running_trial(tmp_path: Path, interval_s: float) -> tuple[MirrorWorker, MlflowClient, dict]:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("mirror")
-    records = SweepRecords.open(tmp_path / "records.json")
+    records = SweepRecords(tmp_path / "records.json")
     records.data["parent_run_id"] = client.create_run(experiment_id).info.run_id
     point = {"method": "kd", "kd": {"temperature": 4.0}, "student": 0}
     config, tags = Describe(parse_sweep(DOC, "mirrored").model_dump(mode="json"))(point)

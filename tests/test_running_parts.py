@@ -39,8 +39,8 @@ from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
 import kdarena.dashboard
-from kdarena.dashboard import queries
-from kdarena.search.cli import app as cli
+from kdarena.leaderboards import runs as lb_runs
+from kdarena.cli.app import app as cli
 
 from helpers import wait_http
 
@@ -124,7 +124,7 @@ def test_dashboard_listens_on_loopback_only_unless_host_says_otherwise(tmp_path:
         port = _free_port()
         log = tmp_path / f"dashboard-{port}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "kdarena.search.cli", "dashboard", "--port", str(port),
+            proc = subprocess.Popen([sys.executable, "-m", "kdarena.cli", "dashboard", "--port", str(port),
                                      "--tracking-uri", uri, *extra],
                                     stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         started.append((port, proc, log))
@@ -182,7 +182,7 @@ def _render_every_page(uri: str, monkeypatch: pytest.MonkeyPatch, every_run: boo
     for method in at.selectbox(key="sw_method").options:
         at.selectbox(key="sw_method").set_value(method).run()
         _ok(at, f"sweeps {method}")
-    runs = queries.load_runs(uri)
+    runs = lb_runs.load_runs(uri)
     shown = runs.drop_duplicates(["role", "status"]) if every_run else runs.head(1)
     for run_id in shown["run_id"]:
         at.query_params["run"] = run_id
@@ -321,7 +321,7 @@ def _kdarena_train(url: str, work: Path, credentials: tuple[str, str] | None) ->
     env |= {"KDARENA_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
     if credentials:
         env |= {"MLFLOW_TRACKING_USERNAME": credentials[0], "MLFLOW_TRACKING_PASSWORD": credentials[1]}
-    return subprocess.run([sys.executable, "-m", "kdarena.search.cli", "train", "--json", *FAST,
+    return subprocess.run([sys.executable, "-m", "kdarena.cli", "train", "--json", *FAST,
                            "--tracking-uri", url], capture_output=True, text=True, env=env, cwd=work, timeout=600)
 
 
@@ -361,7 +361,7 @@ def test_train_records_a_run_with_credentials(auth_server: dict, tmp_path: Path,
     assert {"student.pt", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     stored = list((auth_server["root"] / "artifacts").rglob("student.pt"))  # proxied to the server's own storage
     assert any(summary["run_id"] in p.parts for p in stored), stored
-    assert summary["run_id"] in set(queries.load_runs(url)["run_id"])
+    assert summary["run_id"] in set(lb_runs.load_runs(url)["run_id"])
 
     # and the server refuses the same read without them
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
@@ -413,7 +413,7 @@ def test_an_experiment_the_user_may_only_read_fails_clearly_and_writes_nothing(a
     commands = {"train": (["train", *FAST, "--set", "experiment=admins-only"], "--set experiment=NAME"),
                 "sweep": (["sweep", str(sweep_file), "--storage", str(tmp_path / "sweeps")], "`experiment:` in the sweep file")}
     for name, (args, fix) in commands.items():
-        done = subprocess.run([sys.executable, "-m", "kdarena.search.cli", *args, "--tracking-uri", url],
+        done = subprocess.run([sys.executable, "-m", "kdarena.cli", *args, "--tracking-uri", url],
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
         assert done.returncode == 2, (name, done.stderr[-4000:])
         message = " ".join(done.stderr.split())

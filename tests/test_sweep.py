@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from kdarena.search.cli import app
+from kdarena.cli.app import app
 from kdarena.search.export import pareto_front
 
 SMALL = {

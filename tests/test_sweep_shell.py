@@ -258,7 +258,7 @@ def test_final_seeds_and_max_concurrent_from_the_command_line(shell_sweep):
 
 @pytest.mark.slow
 def test_sampler_random_is_what_each_study_ran(shell_sweep):
-    from kdarena.search.sweep import DefineByRun
+    from kdarena.search.points import DefineByRun
     from kdarena.search.sweep_config import method_space, parse_sweep
 
     root = shell_sweep["root"]

@@ -14,8 +14,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-import kdarena.search.cli
-from kdarena.search.cli import app
+import kdarena.cli
+from kdarena.cli.app import app
 
 FAST = ["--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"]
 
@@ -40,7 +40,7 @@ def _runs(tmp_path: Path):
 
 def _source_commit() -> str | None:
     """HEAD of the git checkout kdarena runs from; None when it is not run from one."""
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(kdarena.search.cli.__file__).resolve().parent,
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(kdarena.cli.__file__).resolve().parent,
                           capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 else None
 

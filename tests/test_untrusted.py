@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from kdarena.search.cli import app
+from kdarena.cli.app import app
 from kdarena.zoo.data import load_dataset
 from kdarena.zoo.errors import UserError
 
@@ -158,8 +158,8 @@ def test_crafted_pickle_as_teacher_checkpoint_is_refused(cache_env, tmp_path, ki
 
 def test_crafted_pickle_in_the_teacher_store_is_refused_even_with_a_matching_sidecar(cache_env, tmp_path):
     """An attacker who can write the store can write the sidecar's hash too: loading must still be tensors only."""
-    from kdarena.search.config import parse_config
-    from kdarena.search.teacher_store import teacher_key
+    from kdarena.training.config import parse_config
+    from kdarena.training.teacher_store import teacher_key
 
     cfg = parse_config({}, "default")
     store = cache_env / "teachers"
@@ -284,7 +284,7 @@ def test_every_load_in_the_source_is_tensors_only_or_plain_yaml():
 
 
 def test_the_plain_loader_is_a_safe_loader():
-    from kdarena.search.config import _PlainLoader
+    from kdarena.training.documents import _PlainLoader
     assert issubclass(_PlainLoader, yaml.SafeLoader)
     assert not set(_PlainLoader.yaml_constructors) - set(yaml.SafeLoader.yaml_constructors)
     assert not _PlainLoader.yaml_multi_constructors
@@ -402,8 +402,8 @@ def test_preset_is_a_name_never_a_path(tmp_path):
 
 
 def test_teacher_store_names_are_hashes_whatever_the_options():
-    from kdarena.search.config import DatasetConfig, TeacherConfig
-    from kdarena.search.teacher_store import teacher_key
+    from kdarena.training.config import DatasetConfig, TeacherConfig
+    from kdarena.training.teacher_store import teacher_key
 
     for options in ({"channels": "../../../x"}, {"/etc/passwd": 1}, {"a": "\\..\\..\\x"}):
         key = teacher_key(TeacherConfig(arch="cnn", options=options), DatasetConfig(), load_dataset("digits"))
@@ -412,7 +412,7 @@ def test_teacher_store_names_are_hashes_whatever_the_options():
 
 def test_leaderboard_export_file_names_are_slugs_of_any_dataset_name():
     """`kdarena leaderboard --export DIR` names files after datasets read from the (possibly shared) MLflow store."""
-    from kdarena.search.cli import _slug
+    from kdarena.leaderboards.render import slug as _slug
 
     for name in ("../../evil", "/etc/passwd", "..", ".", "a/../../b", "\\..\\x", "x\n../y", "", "~"):
         slug = _slug(name)
@@ -517,7 +517,7 @@ def test_image_tree_archive_refusal_is_exit_2_from_the_cli(cache_env, tmp_path, 
 
 
 def _crafted_sweep_dir(tmp_path: Path, method: str, trial_name: str) -> Path:
-    from kdarena.search.config import parse_config
+    from kdarena.training.config import parse_config
 
     sweep_dir = tmp_path / "sweeps" / "crafted"
     sweep_dir.mkdir(parents=True)

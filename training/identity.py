@@ -1,4 +1,4 @@
-"""What names a run's data in MLflow: the identity tags and MLflow's own dataset record.
+"""What names a run in MLflow: its method, student and teacher tags, and its data's identity.
 
 A dataset is identified by its content fingerprint (`Dataset.fingerprint`),
 shown by its label. Every student and teacher run carries both as tags, and
@@ -23,6 +23,13 @@ def identity(data: Dataset, root: str | None) -> dict[str, Any]:
     """The dataset's identity as plain data (what records.json and the teacher store's sidecar keep)."""
     return {"name": data.name, "label": data.label, "fingerprint": data.fingerprint,
             "root": str(Path(root).expanduser().resolve()) if root else None}
+
+
+def student_tags(cfg, with_teacher: bool) -> dict[str, str]:
+    """The tags every student run carries for its method, student and teacher (`cfg`: a `TrainConfig`)."""
+    return {Tag.METHOD: cfg.method.name, Tag.STUDENT: cfg.student.arch, Tag.STUDENT_LABEL: cfg.student.label,
+            Tag.TEACHER: cfg.teacher.arch if with_teacher else "",
+            Tag.TEACHER_LABEL: cfg.teacher.label if with_teacher else ""}
 
 
 def dataset_tags(ident: dict[str, Any]) -> dict[str, str]:

@@ -32,6 +32,7 @@ class Status:
     FAILED: Final = "failed"
     RUNNING: Final = "running"
     FINISHED: Final = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED)
+    NO_SCORE: Final = (DIVERGED, FAILED)  # ended without a usable val_acc
 
 
 class Tag:
@@ -72,7 +73,24 @@ class Metric:
     TEACHER_TEST_ACC: Final = "teacher_test_acc"
     PER_EPOCH: Final = (VAL_ACC, TRAIN_ACC, LR, EPOCH_SECONDS)
     LOSS_PREFIX: Final = "train_"  # train_loss_<term>: each loss term's epoch mean
+    LOSSES: Final = "train_loss"  # the start of every loss term's name
     DIAG_PREFIX: Final = "diag_"  # diag_<name>: each method diagnostic's epoch mean
+    # a student run's scores at its end
+    FINAL: Final = (VAL_ACC, TEST_ACC, PARAMS, MACS, FLOPS, LATENCY_MS, EXTRA_PARAMS)
+
+
+def is_epoch_metric(name: str) -> bool:
+    """A metric logged once per epoch (step = the epoch, from 1)."""
+    return name in Metric.PER_EPOCH or name.startswith((Metric.LOSS_PREFIX, Metric.DIAG_PREFIX))
+
+
+def epoch_metrics(epoch) -> dict[str, float]:
+    """One epoch's metrics under their record names, from the engine's `EpochResult`."""
+    metrics = {Metric.VAL_ACC: epoch.val_acc, Metric.TRAIN_ACC: epoch.train_acc, Metric.LR: epoch.lr,
+               Metric.EPOCH_SECONDS: epoch.seconds}
+    metrics |= {f"{Metric.LOSS_PREFIX}{k}": v for k, v in epoch.losses.items()}
+    metrics |= {f"{Metric.DIAG_PREFIX}{k}": v for k, v in epoch.diagnostics.items()}
+    return metrics
 
 
 class Param:
@@ -82,3 +100,5 @@ class Param:
     SEED: Final = "train.seed"
     LR: Final = "train.lr"
     WEIGHT_DECAY: Final = "train.weight_decay"
+    # a sweep trial's point under Optuna's names, e.g. kd/temperature, student0/width
+    SEARCHED_SEP: Final = "/"

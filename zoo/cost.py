@@ -1,6 +1,6 @@
 """What a deployed model costs: parameters, FLOPs / MACs and CPU latency.
 
-Conventions (design.md): FLOPs are counted with
+Conventions: FLOPs are counted with
 `torch.utils.flop_counter.FlopCounterMode` on one forward pass of a batch of
 one at the model's evaluation resolution, in eval mode; `macs = flops // 2`
 (a multiply-accumulate is two FLOPs — the convention of torchvision's

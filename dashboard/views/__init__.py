@@ -4,8 +4,8 @@
 (`dashboard/app.py` registers them with `st.navigation`): Streamlit runs
 them, nothing imports them. `charts.py` builds their figures.
 
-Read-only by construction: the pages call only the query layer's readers
-(`kdarena.dashboard.queries`), and a sqlite store that does not exist yet
+Read-only by construction: the pages call only `kdarena.leaderboards`'
+readers and queries, and a sqlite store that does not exist yet
 (or is an empty file) is never opened, because opening it would make MLflow
 create its tables. The app never imports Ray.
 """
@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-# MLflow draws a progress bar on the server's console for every artifact read
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from kdarena.leaderboards.render import QUICKSTART_COMMAND
+from kdarena.training.record import Role
+from kdarena.training.tracking import pick_tracking_uri, store_missing
+
 URI_ENV = "KDARENA_TRACKING_URI"
-QUICKSTART = "kdarena sweep --preset quickstart"
 TTL = 30  # seconds: a running sweep shows up within half a minute
-STUDENT_ROLES = ("trial", "final", "train")
 RUN_PAGE = "views/run.py"
 SWEEPS_PAGE = "views/sweeps.py"
 
@@ -38,60 +37,51 @@ def tracking_uri() -> str:
             return args[i + 1]
         if arg.startswith("--tracking-uri="):
             return arg.split("=", 1)[1]
-    return (os.environ.get(URI_ENV) or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
-
-
-def store_missing(uri: str) -> bool:
-    """A sqlite store that is not there (or is an empty file): nothing to read, and opening it would write."""
-    if not uri.startswith("sqlite:///"):
-        return False
-    path = Path(uri.removeprefix("sqlite:///"))
-    return not path.is_file() or path.stat().st_size == 0
+    return pick_tracking_uri(os.environ.get(URI_ENV))
 
 
 @st.cache_data(ttl=TTL, show_spinner="Reading runs from MLflow…")
 def cached_runs(uri: str) -> pd.DataFrame:
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards.runs import empty_runs, load_runs
 
-    return queries.empty_runs() if store_missing(uri) else queries.load_runs(uri)
+    return empty_runs() if store_missing(uri) else load_runs(uri)
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def cached_leaderboard(uri: str, dataset: str | None, teacher: str | None, method: str | None, student: str | None,
                        max_macs: float | None, max_params: float | None, by: str) -> pd.DataFrame:
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards.board import leaderboard
 
-    return queries.leaderboard(cached_runs(uri), dataset=dataset, teacher=teacher, method=method, student=student,
-                               max_macs=max_macs, max_params=max_params, by=by)
+    return leaderboard(cached_runs(uri), dataset=dataset, teacher=teacher, method=method, student=student,
+                       max_macs=max_macs, max_params=max_params, by=by)
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def cached_references(dataset: str | None) -> pd.DataFrame:
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards.references import reference_rows
 
-    return queries.reference_rows(dataset)
+    return reference_rows(dataset)
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def cached_sweeps(uri: str) -> pd.DataFrame:
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards.sweeps import sweeps
 
-    return queries.sweeps(cached_runs(uri))
+    return sweeps(cached_runs(uri))
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def cached_sweep_trials(uri: str, sweep: str) -> pd.DataFrame:
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards.sweeps import sweep_trials
 
-    return queries.sweep_trials(cached_runs(uri), sweep)
+    return sweep_trials(cached_runs(uri), sweep)
 
 
 @st.cache_data(ttl=TTL, show_spinner="Reading the run…")
 def cached_run_detail(uri: str, run_id: str) -> dict[str, Any]:
-    from kdarena.dashboard import queries
+    from kdarena.leaderboards.runs import run_detail
 
-    return queries.run_detail(uri, run_id)
+    return run_detail(uri, run_id)
 
 
 @st.cache_data(ttl=TTL, show_spinner="Computing parameter importances…")
@@ -115,7 +105,7 @@ def runs_or_stop(uri: str) -> pd.DataFrame:
 def student_runs(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty or "role" not in runs:
         return runs.iloc[0:0]
-    return runs[runs["role"].isin(STUDENT_ROLES)]
+    return runs[runs["role"].isin(Role.STUDENTS)]
 
 
 def page_runs(title: str) -> tuple[str, pd.DataFrame]:
@@ -133,7 +123,7 @@ def empty_state(uri: str) -> None:
     """No kdarena runs yet: how to make some."""
     st.info(f"No kdarena runs in `{uri}` yet.", icon=":material/info:")
     st.markdown("Run the quickstart sweep (digits, a few minutes on a laptop CPU), then reload this page:")
-    st.code(f"{QUICKSTART}\nkdarena dashboard", language="bash")
+    st.code(f"{QUICKSTART_COMMAND}\nkdarena dashboard", language="bash")
     st.caption("Runs recorded in another store: `kdarena dashboard --tracking-uri sqlite:///PATH/mlflow.db` "
                "or `--tracking-uri http://HOST:PORT`.")
 

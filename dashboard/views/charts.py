@@ -20,6 +20,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from kdarena.training.record import Status
+
 COSTS = {  # `by` -> (column, axis title)
     "macs": ("macs", "MACs (deployed student, log scale)"),
     "params": ("params", "parameters (deployed student, log scale)"),
@@ -28,13 +30,13 @@ COSTS = {  # `by` -> (column, axis title)
 # below this many scored trials a forest of fANOVA's trees splits a handful of points: its importances are noise
 MIN_FANOVA_TRIALS = 10
 STATUS_STYLE = {  # status -> (marker symbol, description)
-    "completed": ("circle", "completed (full budget)"),
-    "early-stopped": ("diamond-open", "early-stopped by ASHA"),
-    "diverged": ("x", "diverged (no val_acc)"),
-    "failed": ("cross", "failed (no val_acc)"),
-    "running": ("circle-dot", "running"),
+    Status.COMPLETED: ("circle", "completed (full budget)"),
+    Status.EARLY_STOPPED: ("diamond-open", "early-stopped by ASHA"),
+    Status.DIVERGED: ("x", "diverged (no val_acc)"),
+    Status.FAILED: ("cross", "failed (no val_acc)"),
+    Status.RUNNING: ("circle-dot", Status.RUNNING),
 }
-NO_SCORE = ("diverged", "failed")
+NO_SCORE = Status.NO_SCORE
 
 
 def method_colours(methods: list[str]) -> dict[str, str]:
@@ -108,7 +110,7 @@ def with_trial_numbers(trials: pd.DataFrame) -> pd.DataFrame:
     key = "order" if "order" in trials else "start_time" if "start_time" in trials else None
     order = (trials.sort_values(key, kind="stable") if key else trials).reset_index(drop=True)
     return order.assign(trial=np.arange(1, len(order) + 1), val_pct=100 * _num(order["val_acc"]),
-                        status=order["status"].fillna("running").astype(str),
+                        status=order["status"].fillna(Status.RUNNING).astype(str),
                         reason=order["reason"].map(_text) if "reason" in order else "")
 
 
@@ -123,12 +125,12 @@ def history_figure(trials: pd.DataFrame, colours: dict[str, str]) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=rows["trial"], y=y, mode="markers", name=f"{method}: {desc}", legendgroup=str(method),
             marker={"color": colours.get(method), "symbol": symbol, "size": 11 if status in NO_SCORE else 9,
-                    "line": {"width": 2 if status != "completed" else 0.5, "color": colours.get(method)}},
+                    "line": {"width": 2 if status != Status.COMPLETED else 0.5, "color": colours.get(method)}},
             customdata=np.column_stack([rows["run_id"].astype(str), rows["reason"].map(_text),
                                         rows["epochs_completed"].map(_text)]),
             hovertemplate=(f"trial %{{x}} · {method} · {status}<br>val acc %{{y:.2f}}%<br>"
                            "epochs %{customdata[2]}<br>%{customdata[1]}<extra></extra>")))
-    for method, rows in t[t["status"] == "completed"].groupby("method", sort=True):
+    for method, rows in t[t["status"] == Status.COMPLETED].groupby("method", sort=True):
         rows = rows[rows["val_pct"].notna()]
         if len(rows):  # a step line to the last trial: the best a method had found by then
             x = [*rows["trial"], int(t["trial"].max())]
@@ -147,7 +149,7 @@ def val_acc_by_method_figure(trials: pd.DataFrame, colours: dict[str, str]) -> g
     """val_acc per method: boxes with every trial as a point, one group per status; diverged/failed as x at 0."""
     t = with_trial_numbers(trials)
     fig = go.Figure()
-    for status in ("completed", "early-stopped"):
+    for status in (Status.COMPLETED, Status.EARLY_STOPPED):
         rows = t[(t["status"] == status) & t["val_pct"].notna()]
         if len(rows):
             fig.add_trace(go.Box(x=rows["method"], y=rows["val_pct"], name=STATUS_STYLE[status][1],

@@ -5,6 +5,7 @@ import streamlit as st
 
 from kdarena.dashboard.views import SWEEPS_PAGE, cached_run_detail, finite, page_runs, run_labels
 from kdarena.dashboard.views.charts import curves_figure
+from kdarena.training.record import Metric, Param, Role, Status, Tag
 
 uri, ours = page_runs("Run")
 
@@ -37,23 +38,24 @@ except Exception as exc:  # the store went away between reads: say so, never a t
     st.stop()
 
 tags, metrics, params, histories = detail["tags"], detail["metrics"], detail["params"], detail["histories"]
-method = tags.get("kdarena.method") or params.get("method.name") or "?"
-student = tags.get("kdarena.student_label") or tags.get("kdarena.student") or params.get("student.arch") or "?"
-status = tags.get("kdarena.status") or detail["state"].lower()
-role = tags.get("kdarena.role", "?")
+method = tags.get(Tag.METHOD) or params.get(Param.METHOD_NAME) or "?"
+student = tags.get(Tag.STUDENT_LABEL) or tags.get(Tag.STUDENT) or params.get("student.arch") or "?"
+status = tags.get(Tag.STATUS) or detail["state"].lower()
+role = tags.get(Role.TAG, "?")
+sweep = tags.get(Tag.SWEEP)
+dataset = tags.get(Tag.DATASET_LABEL) or tags.get(Tag.DATASET, "?")
 st.subheader(f"{method} → {student}")
-where = f" · sweep `{tags['kdarena.sweep']}`" if tags.get("kdarena.sweep") else ""
-st.caption(f"{role} run `{run_id}` ({detail['run_name']}) · dataset {tags.get('kdarena.dataset', '?')}{where} · "
+where = f" · sweep `{sweep}`" if sweep else ""
+st.caption(f"{role} run `{run_id}` ({detail['run_name']}) · dataset {dataset}{where} · "
            f"status **{status}** · started {pd.to_datetime(detail['start_time'], unit='ms', utc=True):%Y-%m-%d %H:%M} UTC")
-if status not in ("completed", "running"):
-    reason = tags.get("kdarena.reason")
-    text = {"early-stopped": "Stopped early by ASHA: it saw part of the budget, so it never ranks.",
-            "diverged": "Diverged: training stopped on a non-finite loss, so it never ranks.",
-            "failed": "Failed: the trial raised an error, so it never ranks."}.get(status, f"Status {status}.")
+if status not in (Status.COMPLETED, Status.RUNNING):
+    reason = tags.get(Tag.REASON)
+    text = {Status.EARLY_STOPPED: "Stopped early by ASHA: it saw part of the budget, so it never ranks.",
+            Status.DIVERGED: "Diverged: training stopped on a non-finite loss, so it never ranks.",
+            Status.FAILED: "Failed: the trial raised an error, so it never ranks."}.get(status, f"Status {status}.")
     st.warning(text + (f" Reason: {reason}" if reason else ""), icon=":material/warning:")
-if tags.get("kdarena.sweep"):
-    st.page_link(SWEEPS_PAGE, label=f"Sweep {tags['kdarena.sweep']}", icon=":material/query_stats:",
-                 query_params={"sweep": tags["kdarena.sweep"]})
+if sweep:
+    st.page_link(SWEEPS_PAGE, label=f"Sweep {sweep}", icon=":material/query_stats:", query_params={"sweep": sweep})
 
 
 def figure(value, fmt: str) -> str:
@@ -62,31 +64,31 @@ def figure(value, fmt: str) -> str:
 
 st.markdown("##### Accuracy and cost")
 cols = st.columns(7)
-cols[0].metric("test acc", figure(100 * metrics["test_acc"] if "test_acc" in metrics else None, "{:.2f}%"))
-val = metrics.get("final_val_acc", metrics.get("val_acc"))
+cols[0].metric("test acc", figure(100 * metrics[Metric.TEST_ACC] if Metric.TEST_ACC in metrics else None, "{:.2f}%"))
+val = metrics.get(Metric.FINAL_VAL_ACC, metrics.get(Metric.VAL_ACC))
 cols[1].metric("val acc (last epoch)", figure(100 * val if finite(val) else None, "{:.2f}%"))
-cols[2].metric("params", figure(metrics.get("params"), "{:,.0f}"))
-cols[3].metric("MACs", figure(metrics.get("macs"), "{:,.0f}"), help="FLOPs / 2, deployed student, one input")
-cols[4].metric("FLOPs", figure(metrics.get("flops"), "{:,.0f}"))
-cols[5].metric("latency", figure(metrics.get("latency_ms"), "{:.3f} ms"), help="CPU, batch 1")
-cols[6].metric("training-only", figure(metrics.get("extra_params"), "{:,.0f}"),
+cols[2].metric("params", figure(metrics.get(Metric.PARAMS), "{:,.0f}"))
+cols[3].metric("MACs", figure(metrics.get(Metric.MACS), "{:,.0f}"), help="FLOPs / 2, deployed student, one input")
+cols[4].metric("FLOPs", figure(metrics.get(Metric.FLOPS), "{:,.0f}"))
+cols[5].metric("latency", figure(metrics.get(Metric.LATENCY_MS), "{:.3f} ms"), help="CPU, batch 1")
+cols[6].metric("training-only", figure(metrics.get(Metric.EXTRA_PARAMS), "{:,.0f}"),
                help="the method's extra modules (regressors, critics), excluded from the deployed cost")
 
 st.markdown("##### Teacher")
-teacher_label = tags.get("kdarena.teacher_label") or tags.get("kdarena.teacher")
+teacher_label = tags.get(Tag.TEACHER_LABEL) or tags.get(Tag.TEACHER)
 if teacher_label:
     tcols = st.columns([1, 3, 1])
     tcols[0].markdown(f"**{teacher_label}**")
-    tcols[1].code(tags.get("kdarena.teacher_sha256") or "no sha256 recorded", language=None)
-    tcols[2].metric("teacher test acc", figure(100 * metrics["teacher_test_acc"]
-                                               if "teacher_test_acc" in metrics else None, "{:.2f}%"))
+    tcols[1].code(tags.get(Tag.TEACHER_SHA256) or "no sha256 recorded", language=None)
+    tcols[2].metric("teacher test acc", figure(100 * metrics[Metric.TEACHER_TEST_ACC]
+                                               if Metric.TEACHER_TEST_ACC in metrics else None, "{:.2f}%"))
 else:
     st.caption("No teacher: this method trains the student alone.")
 
 st.markdown("##### Learning curves")
-losses = sorted(k for k in histories if k.startswith("train_loss"))
-accs = [k for k in ("val_acc", "train_acc") if k in histories]
-diags = sorted(k for k in histories if k.startswith("diag_"))
+losses = sorted(k for k in histories if k.startswith(Metric.LOSSES))
+accs = [k for k in (Metric.VAL_ACC, Metric.TRAIN_ACC) if k in histories]
+diags = sorted(k for k in histories if k.startswith(Metric.DIAG_PREFIX))
 if not (losses or accs or diags):
     st.info("No per-epoch metrics recorded (the run stopped before its first epoch ended).", icon=":material/info:")
 left, right = st.columns(2)

@@ -3,6 +3,8 @@
 import pandas as pd
 import streamlit as st
 
+from kdarena.leaderboards.sweeps import count_column
+from kdarena.training.record import Status
 from kdarena.dashboard.views import (cached_importances, cached_sweep_trials, cached_sweeps, open_run, page_runs, run_labels)
 from kdarena.dashboard.views.charts import (NO_SCORE, history_figure, importance_figure, method_colours,
                                             parallel_figure, val_acc_by_method_figure, with_trial_numbers)
@@ -22,9 +24,8 @@ info = table[table["name"] == name].iloc[0]
 st.caption(f"{info['dataset']} · teacher {info['teacher'] or '—'} · methods {', '.join(info['methods'])} · "
            f"experiment {info['experiment']} · started {pd.Timestamp(info['start_time']):%Y-%m-%d %H:%M} UTC")
 counts = st.columns(6)
-for col, (label, key) in zip(counts, [("trials", "trials"), ("completed", "completed"),
-                                      ("early-stopped", "early_stopped"), ("diverged", "diverged"),
-                                      ("failed", "failed"), ("final runs", "final_runs")]):
+for col, (label, key) in zip(counts, [("trials", "trials"), *((s, count_column(s)) for s in Status.FINISHED),
+                                      ("final runs", "final_runs")]):
     col.metric(label, int(info[key]))
 
 trials = cached_sweep_trials(uri, name)

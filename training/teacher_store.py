@@ -31,6 +31,7 @@ from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import StagedModel
 
 from .config import DatasetConfig, TeacherConfig
+from .record import Metric, Status
 
 # 2: keyed by the dataset's content fingerprint and the resolved augmentation (1 named the dataset only)
 STORE_FORMAT = 2
@@ -179,10 +180,10 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, c
             meta = _read_meta(meta_path)
             load_weights(model, weights, meta["sha256"], f"stored teacher {key}")
             scores = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-                      for v in (meta.get("val_acc"), meta.get("test_acc"))]  # None: measured again
+                      for v in (meta.get(Metric.VAL_ACC), meta.get(Metric.TEST_ACC))]  # None: measured again
             return StoredTeacher(model, key, meta["sha256"], weights, *scores, False)
         result = train(model)
-        if result.status != "completed":
+        if result.status != Status.COMPLETED:
             raise UserError(f"the teacher diverged while training ({result.reason}); lower teacher.recipe.lr")
         tmp = weights.with_name(weights.name + ".partial")
         torch.save(model.state_dict(), tmp)
@@ -191,7 +192,7 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, c
         meta = {"key": key, "sha256": sha, "arch": teacher.arch, "options": teacher.options,
                 "dataset": dataset.model_dump() | {"label": data.label, "fingerprint": data.fingerprint},
                 "recipe": teacher.recipe.model_dump(mode="json") | {"augment": teacher.recipe.augment_for(data).model_dump()},
-                "val_acc": result.val_acc, "test_acc": result.test_acc}
+                Metric.VAL_ACC: result.val_acc, Metric.TEST_ACC: result.test_acc}
         tmp_meta = meta_path.with_name(meta_path.name + ".partial")
         tmp_meta.write_text(json.dumps(meta, indent=2))
         os.replace(tmp_meta, meta_path)  # the sidecar last: without it the weights are not "stored"

@@ -7,7 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kdarena.methods.engine import EpochResult
 
-from .train_job import Callbacks
+from kdarena.training.train_job import Callbacks
 
 
 class TrainProgress:

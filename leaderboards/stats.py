@@ -1,4 +1,4 @@
-"""Pareto fronts of accuracy (higher is better) against a cost (lower is better)."""
+"""Statistics of the leaderboard: the Pareto front of accuracy against a cost, and the spread over seeds."""
 
 from __future__ import annotations
 
@@ -44,3 +44,12 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the (accuracy, cost) points on the front, in input order."""
     mask = pareto_mask([p[0] for p in points], [p[1] for p in points])
     return [i for i, on in enumerate(mask) if on]
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n − 1); 0 for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))

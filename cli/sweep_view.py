@@ -9,16 +9,16 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-DONE = ("completed", "early-stopped", "diverged", "failed")
+from kdarena.leaderboards.text import format_hparams
+from kdarena.training.record import Status, Tag
+
+DONE = Status.FINISHED
 MAX_ROWS = 12
 
 
 def key_params(record: dict[str, Any], limit: int = 3) -> str:
     """The first few searched values of a trial, short: `temperature=3.2 alpha=0.71 lr=0.021`."""
-    point = record.get("trial_config", {})
-    values = point.get(record["method"], {})
-    shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()][:limit]
-    return " ".join(shown)
+    return format_hparams(record.get("trial_config", {}).get(record["method"], {}), limit)
 
 
 class SweepView:
@@ -65,6 +65,6 @@ class SweepView:
         for r in (running + done[::-1])[:MAX_ROWS]:
             last = r.get("last_result", {})
             val = last.get("val_acc")
-            table.add_row(r["trial_name"], r["method"], r["tags"].get("kdarena.student_label", ""), key_params(r),
+            table.add_row(r["trial_name"], r["method"], r["tags"].get(Tag.STUDENT_LABEL, ""), key_params(r),
                           str(last.get("epoch", "")), f"{val:.4f}" if isinstance(val, float) else "", r["status"])
         return Group(table, self.progress)

@@ -21,9 +21,39 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
     The default is the one the `mlflow` CLI uses, so `mlflow ui` started in
     the same directory shows the same runs.
     """
-    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = pick_tracking_uri(cli_value)
     check_tracking_uri(uri)
     return uri
+
+
+def pick_tracking_uri(given: str | None) -> str:
+    """The store a command uses: the one given, else `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` here."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def quiet_mlflow() -> None:
+    """What a command sets before it imports MLflow (MLflow reads these at import, or as a run ends).
+
+    MLflow announces schema migrations at INFO on every new store: noise for a
+    CLI user; it sets its logger's level from `MLFLOW_LOGGING_LEVEL` when it is
+    imported, so a setLevel before that import would be undone. With a
+    tracking server MLflow writes "View run NAME at: URL" to stdout as each run
+    ends: that would break `train --json` (one JSON object on stdout, nothing
+    else), and the summaries already name the run.
+    """
+    import logging
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def fail_fast_http() -> None:
+    """A dead tracking server must cost seconds, not minutes: MLflow retries each request up to 7 times with
+    exponential back-off by default. Set where a sweep or a sync starts (MLflow reads them per request)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 @contextmanager
@@ -129,3 +159,28 @@ def source_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """The experiment's id, created here (one writer) before anything else writes to the store.
+
+    With a sqlite store, artifacts go beside the database (`mlartifacts/`), not
+    wherever the command happened to run.
+    """
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def store_missing(tracking_uri: str) -> bool:
+    """A sqlite store whose file does not exist yet (or is empty): no runs, and reading must not create it."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return False
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    return not path.is_file() or path.stat().st_size == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -14,20 +13,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kdarena.training.record import Status, Tag
+from kdarena.training.tracking import quiet_mlflow
 from kdarena.zoo.errors import UserError
-
-# MLflow announces schema migrations at INFO on every new store: noise for a CLI user. MLflow sets its
-# logger's level from this variable when it is imported, so a setLevel before that import would be undone.
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-# With a tracking server MLflow writes "🏃 View run NAME at: URL" to stdout as each run ends: that would break
-# `train --json` (one JSON object on stdout, nothing else), and the summaries already name the run.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-logging.getLogger("alembic").setLevel(logging.WARNING)
 
 app = typer.Typer(help="kdarena: search knowledge-distillation methods and rank the students they make.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 out = Console()
 err = Console(stderr=True)
+
+
+@app.callback()
+def _command_starts() -> None:
+    """Before any command: what MLflow reads when it is imported (the commands import it later)."""
+    quiet_mlflow()
 
 
 def one_line(text: str) -> str:
@@ -51,14 +50,14 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with the results, nothing else on stdout")] = False,
 ) -> None:
     """Distil one student from one teacher and record the run in MLflow."""
-    from .config import read_train_config
-    from .tracking import resolve_tracking_uri
+    from kdarena.training.config import read_train_config
+    from kdarena.training.tracking import resolve_tracking_uri
 
     try:
         cfg, raw = read_train_config(config, set_)
         uri = resolve_tracking_uri(tracking_uri)
         from .progress import TrainProgress
-        from .train_job import run_train
+        from kdarena.training.train_job import run_train
 
         with TrainProgress(enabled=not as_json and err.is_terminal, console=err) as progress:
             summary = run_train(cfg, uri, progress.callbacks(), source_config=raw)
@@ -68,7 +67,7 @@ def train(
         print(json.dumps(_jsonable(summary), sort_keys=True))
     else:
         _print_summary(summary, uri)
-    if summary["status"] != "completed":  # diverged: the JSON or the table says why, the exit code says it failed
+    if summary["status"] != Status.COMPLETED:  # diverged: the JSON or the table says why, the exit code says it failed
         raise typer.Exit(1)
 
 
@@ -116,7 +115,7 @@ def sweep(
     Exit codes: 0 done; 1 done, but some method's final mean stands on fewer seeds than planned; 2 bad input
     (nothing run); 130 stopped by Ctrl-C, 143 by SIGTERM (state saved: --resume continues).
     """
-    from .sweep_config import load_sweep
+    from kdarena.search.sweep_config import load_sweep
 
     try:
         if (file is None) == (preset is None):
@@ -125,19 +124,20 @@ def sweep(
             from kdarena.sweeps import preset_path
             file = preset_path(preset)
         cfg, raw = load_sweep(file)
-        from .sweep import run_sweep
+        from kdarena.search.sweep import SweepOptions, run_sweep
         from .sweep_view import SweepView
 
         seeds = final_seeds if final_seeds is not None else cfg.final.seeds
         total = cfg.trials_for() * len(cfg.methods) + seeds * len(cfg.methods)
         with SweepView(err, total, enabled=err.is_terminal) as view:
-            outcome = run_sweep(cfg, raw, address=address, resume=resume, storage=storage, tracking_uri=tracking_uri,
-                                max_concurrent=max_concurrent, view=view, final_seeds=final_seeds,
-                                rebuild_records=rebuild_records)
+            options = SweepOptions(address=address, resume=resume, storage=storage, tracking_uri=tracking_uri,
+                                   max_concurrent=max_concurrent, final_seeds=final_seeds,
+                                   rebuild_records=rebuild_records)
+            outcome = run_sweep(cfg, raw, options, view=view)
     except UserError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        from .signals import stopped_by_sigterm
+        from kdarena.search.signals import stopped_by_sigterm
 
         again = f"kdarena sweep {'--preset ' + preset if preset else file} --resume"
         how = "stopped by SIGTERM" if stopped_by_sigterm() else "interrupted"
@@ -154,7 +154,7 @@ def sweep(
 
 def _print_sweep_summary(cfg, outcome) -> None:
     from .sweep_view import key_params
-    from .tracking import default_tracking_uri
+    from kdarena.training.tracking import default_tracking_uri
 
     table = Table("method", "student", "val_acc", "test_acc", "final test_acc", "MACs", "best config",
                   title=f"sweep {cfg.name}: best full-budget trial per method")
@@ -164,7 +164,7 @@ def _print_sweep_summary(cfg, outcome) -> None:
         final = outcome.finals.get(method)
         of = f" of {outcome.final_seeds}" if final and final["n"] < outcome.final_seeds else ""
         final_text = f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f} ({final['n']}{of} seeds)" if final else "—"
-        table.add_row(method, record["tags"].get("kdarena.student_label", ""), _pct(m.get("val_acc")),
+        table.add_row(method, record["tags"].get(Tag.STUDENT_LABEL, ""), _pct(m.get("val_acc")),
                       _pct(m.get("test_acc")), final_text, f"{int(m.get('macs', 0)):,}", key_params(record, limit=6))
     out.print(table)
     missing = [m for m in cfg.methods if m not in outcome.best]
@@ -185,7 +185,7 @@ def export(
     output: Annotated[str | None, typer.Option("-o", "--output", help="a file, or DIR/ for one file per config")] = None,
 ) -> None:
     """Write a sweep's best trials as configs that `kdarena train` re-runs exactly."""
-    from .export import find_sweep_dir, ranked_trials, render, write
+    from kdarena.search.export import find_sweep_dir, ranked_trials, render, write
 
     try:
         if fmt not in ("yaml", "json"):
@@ -208,8 +208,8 @@ def sync(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default the one the sweep recorded to")] = None,
 ) -> None:
     """Send a sweep's results that never reached MLflow (tracking server down) from its records.json, exactly once."""
-    from .export import find_sweep_dir
-    from .mirror import sync_sweep
+    from kdarena.search.export import find_sweep_dir
+    from kdarena.search.mirror import sync_sweep
 
     try:
         sweep_dir = find_sweep_dir(sweep_ref)
@@ -218,13 +218,6 @@ def sync(
         _fail(exc)
     err.print(f"{sweep_dir.name}: {waiting} trial(s) sent; MLflow has every trial" if waiting
               else f"{sweep_dir.name}: nothing to send; MLflow has every trial", highlight=False)
-
-
-LEADERBOARD_FORMATS = ("table", "markdown", "csv", "json")
-# the columns `--format csv|json` write, ours and the reported rows alike
-LEADERBOARD_FIELDS = ["rank", "dataset", "teacher", "student", "method", "test_acc_mean", "test_acc_std", "n_seeds",
-                      "params", "macs", "flops", "latency_ms", "key_hparams", "pareto", "source", "reported", "run_id",
-                      "sweep", "variant", "test_errors", "test_size", "note", "dataset_label", "dataset_fingerprint"]
 
 
 @app.command()
@@ -241,44 +234,48 @@ def leaderboard(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
 ) -> None:
     """Rank the students by test accuracy beside their cost, with the Pareto front and the published results."""
-    from kdarena.dashboard import queries as q
-
-    from .tracking import resolve_tracking_uri
+    from kdarena.leaderboards import board as lb
+    from kdarena.leaderboards import references as refs_of
+    from kdarena.leaderboards import render
+    from kdarena.leaderboards.runs import read_runs
+    from kdarena.training.tracking import resolve_tracking_uri
 
     try:
         if by not in ("macs", "params", "latency"):
             raise UserError(f"--by {by!r}: choose macs, params or latency")
-        if fmt not in LEADERBOARD_FORMATS:
-            raise UserError(f"--format {fmt!r}: choose {', '.join(LEADERBOARD_FORMATS)}")
+        if fmt not in render.FORMATS:
+            raise UserError(f"--format {fmt!r}: choose {', '.join(render.FORMATS)}")
         if export_dir is not None and export_dir.exists() and not export_dir.is_dir():
             raise UserError(f"--export {export_dir}: not a directory; pass a folder such as leaderboards/")
         uri = resolve_tracking_uri(tracking_uri)
-        runs = _read_runs(q, uri)
+        runs = read_runs(uri)
         if runs.empty:
             _empty_store(f"No kdarena runs in {uri} yet.", fmt, output)
             return
-        board = q.leaderboard(runs, dataset=dataset, teacher=teacher, by=by)
+        board = lb.leaderboard(runs, dataset=dataset, teacher=teacher, by=by)
         if pareto_only:
             board = board[board["pareto"]]
         # the published results stand after ours: the same dataset's first, then the other datasets'
-        refs = q.reference_rows(dataset, teacher) if references else q.reference_rows().iloc[0:0]
+        refs = refs_of.reference_rows(dataset, teacher) if references else refs_of.reference_rows().iloc[0:0]
         if board.empty:
             if dataset is None and teacher is None:
                 _empty_store(f"No finished full-budget run in {uri} yet ({len(runs)} runs recorded: stopped early, "
                              "diverged, failed or still running).", fmt, output)
                 return
             if refs.empty:
-                _unknown_filter(q, runs, dataset, teacher)
+                lb.check_filters(runs, dataset, teacher)
             err.print("none of our runs match; showing the published results only", highlight=False)
-        rows = q.with_references(board, refs)
+        rows = refs_of.with_references(board, refs)
         if export_dir is not None:
-            for path in _export_markdown(q, rows, by, export_dir):
+            for path in render.write_markdown_files(rows, by, export_dir):
                 err.print(f"wrote {path}", highlight=False)
             if output is None:
                 return
-        text = _render_leaderboard(q, rows, fmt, by, color=output is None and out.is_terminal)
+        color = output is None and out.is_terminal
+        # a terminal gets its own width and colours; a pipe or a file gets room for every column
+        text = render.render(rows, fmt, by, color=color, width=out.width if color else 220)
         if output is not None:
-            _write_atomic(output, text)
+            render.write_atomic(output, text)
             err.print(f"wrote {output}", highlight=False)
         else:
             print(text, end="" if text.endswith("\n") else "\n")
@@ -286,102 +283,18 @@ def leaderboard(
         _fail(exc)
 
 
-def _read_runs(q, uri: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return q.load_runs(uri)
-    except MlflowException as exc:
-        raise UserError(f"cannot read runs from {uri}: {str(exc).splitlines()[0]}; check --tracking-uri") from None
-
-
 def _empty_store(message: str, fmt: str, output: Path | None) -> None:
-    from kdarena.dashboard.queries import QUICKSTART_COMMAND
+    from kdarena.leaderboards.render import QUICKSTART_COMMAND, empty_document, write_atomic
 
     hint = f"{message} Start with `{QUICKSTART_COMMAND}` (a few minutes on a laptop), then run `kdarena leaderboard` again."
     if fmt in ("csv", "json"):  # machine formats stay parseable: an empty document on stdout, the hint on stderr
-        empty = "[]\n" if fmt == "json" else ",".join(LEADERBOARD_FIELDS) + "\n"
         if output is not None:
-            _write_atomic(output, empty)
+            write_atomic(output, empty_document(fmt))
         else:
-            print(empty, end="")
+            print(empty_document(fmt), end="")
         err.print(hint, highlight=False, soft_wrap=True)
     else:
         out.print(hint, highlight=False, soft_wrap=True)
-
-
-def _unknown_filter(q, runs, dataset: str | None, teacher: str | None) -> None:
-    done = q.finished(runs)
-    refs = q.reference_rows()
-    known_ds = sorted(set(done["dataset"].dropna()) | set(done["dataset_label"].dropna()) | set(refs["dataset"]))
-    known_t = sorted(set(done["teacher"].dropna()) - {""} | set(refs["teacher"]))
-    parts = []
-    if dataset is not None and dataset not in known_ds:
-        parts.append(f"--dataset {dataset!r} has no finished runs or published results; known: {', '.join(known_ds)}")
-    if teacher is not None and teacher not in known_t:
-        parts.append(f"--teacher {teacher!r} has no finished runs or published results; known: {', '.join(known_t)}")
-    if not parts:
-        parts.append(f"no finished runs or published results for --dataset {dataset} with --teacher {teacher}")
-    raise UserError("; ".join(parts))
-
-
-def _frame_for_export(rows):
-    frame = rows.reindex(columns=LEADERBOARD_FIELDS).copy()
-    for col in ("rank", "n_seeds", "test_errors", "test_size"):
-        frame[col] = frame[col].astype("Float64").round().astype("Int64")
-    frame["pareto"] = frame["pareto"].astype(bool)
-    frame["reported"] = frame["reported"].astype(bool)
-    return frame
-
-
-def _render_leaderboard(q, rows, fmt: str, by: str, color: bool = False) -> str:
-    if fmt == "markdown":
-        return q.markdown_report(rows, by=by, title="kdarena leaderboard")
-    if fmt == "csv":
-        return _frame_for_export(rows).to_csv(index=False)
-    if fmt == "json":
-        return json.dumps(json.loads(_frame_for_export(rows).to_json(orient="records", double_precision=15)), indent=2) + "\n"
-    import io
-
-    buffer = io.StringIO()
-    # a terminal gets its own width and colours; a pipe or a file gets room for every column
-    console = Console(file=buffer, width=out.width if color else 220, force_terminal=color, no_color=not color,
-                      highlight=False)
-    cost = {"macs": "MACs", "params": "params", "latency": "latency"}[by]
-    for ds in dict.fromkeys(rows["dataset"]):
-        table = Table(*q.DISPLAY_HEADERS.values(), title=f"{ds}: ranked by test accuracy; ★ = Pareto front vs {cost}")
-        for r, raw in zip(q.display_rows(rows[rows["dataset"] == ds]), rows[rows["dataset"] == ds]["reported"]):
-            table.add_row(*(r[k] for k in q.DISPLAY_HEADERS), style="dim" if raw else None)
-        console.print(table)
-    console.print("test_acc: mean ± sample std over final seeds, else one `kdarena train` run or the best full-budget "
-                  "trial (picked by val_acc)." + (" ref = reported (not reproduced): a published figure, shown for "
-                                                   "context, never ranked among ours." if rows["reported"].any() else ""),
-                  soft_wrap=True)
-    return buffer.getvalue()
-
-
-def _export_markdown(q, rows, by: str, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in dict.fromkeys(rows["dataset"]):
-        path = folder / f"{_slug(ds)}.md"
-        _write_atomic(path, q.markdown_report(rows[rows["dataset"] == ds], by=by, title=f"kdarena leaderboard: {ds}"))
-        paths.append(path)
-    return paths
-
-
-def _slug(name: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "dataset"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """All or nothing: a half-written leaderboard never replaces a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 @app.command()
@@ -397,10 +310,10 @@ def dashboard(
 
     import kdarena.dashboard
 
-    from .tracking import check_tracking_uri, default_tracking_uri
+    from kdarena.training.tracking import check_tracking_uri, pick_tracking_uri
 
     try:
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        uri = pick_tracking_uri(tracking_uri)
         if not uri.startswith("sqlite:///"):  # a sqlite store is only read: it need not be writable, nor exist yet
             check_tracking_uri(uri)
         try:
@@ -414,7 +327,7 @@ def dashboard(
     app_file = Path(kdarena.dashboard.__file__).with_name("app.py")
     err.print(f"kdarena dashboard: http://{host}:{port} (reading {uri}); Ctrl-C stops it", highlight=False,
               soft_wrap=True)
-    env = os.environ | {"KDARENA_TRACKING_URI": uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    env = os.environ | {"KDARENA_TRACKING_URI": uri}
     args = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.headless", "true",
             "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", "--tracking-uri", uri]

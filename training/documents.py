@@ -1,7 +1,9 @@
-"""`kdarena train` configs: reading, overriding and validating, before any work starts.
+"""Documents a user writes (train configs, sweep files, `--set` edits): read as plain YAML and checked, never run.
 
-Every problem a user can cause is found here and reported as one
-`UserError` naming the field (e.g. `method.params.alpha`) and the fix.
+Every problem is found before any work and reported as one `UserError`
+that names the file, the field (e.g. `method.params.alpha`) and the fix:
+malformed YAML, Python tags, values no config holds, documents that expand
+through aliases or nest without end, and pydantic's validation errors.
 """
 
 from __future__ import annotations
@@ -13,118 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError
 
-from kdarena.methods import METHODS, get_method
-from kdarena.methods.recipe import Recipe
-from kdarena.zoo.data import DATASETS
 from kdarena.zoo.errors import UserError
-from kdarena.zoo.models import MODELS
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DatasetConfig(_Strict):
-    name: str = "digits"
-    root: str | None = Field(None, description="where the files are (or go); default ~/.cache/kdarena/data")
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    split_seed: int = Field(0, ge=0)
-    download: bool = Field(True, description="fetch missing files where the network allows")
-    label: str | None = Field(None, min_length=1, max_length=100,
-                              description="the name shown for this data; default the folder's name for imagefolder, "
-                                          "else the dataset's name")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {show(v)}; known datasets: {', '.join(DATASETS)}")
-        return v
-
-
-class ModelConfig(_Strict):
-    arch: str
-    options: dict[str, Any] = Field(default_factory=dict, description="constructor options: width, depth, hidden, …")
-
-    @property
-    def label(self) -> str:
-        """A short name for tables and leaderboards: arch plus its options, e.g. `cnn(channels=8)`."""
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.arch}({opts})" if opts else self.arch
-
-    @field_validator("arch")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {show(v)}; known models: {', '.join(sorted(MODELS))}")
-        return v
-
-
-def _teacher_recipe() -> Recipe:
-    return Recipe(epochs=30, lr=0.05)
-
-
-class TeacherConfig(ModelConfig):
-    checkpoint: str | None = Field(None, description="a local state_dict file to use instead of training")
-    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="the teacher weights' expected sha256")
-    recipe: Recipe = Field(default_factory=_teacher_recipe)
-
-
-class MethodConfig(_Strict):
-    name: str = "kd"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-# The zero-download default pair: a CNN teacher four times as wide as its student.
-DEFAULT_TEACHER = {"arch": "cnn", "options": {"channels": 32}}
-DEFAULT_STUDENT = {"arch": "cnn", "options": {"channels": 8}}
-
-
-class TrainConfig(_Strict):
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    teacher: TeacherConfig
-    student: ModelConfig
-    method: MethodConfig = Field(default_factory=MethodConfig)
-    train: Recipe = Field(default_factory=Recipe)
-    cache_dir: str | None = Field(None, description="teacher store; default ~/.cache/kdarena/teachers")
-    experiment: str = Field("kdarena", min_length=1, description="MLflow experiment name")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_pair(cls, data: Any) -> Any:
-        """A section that names no `arch` is the default pair's (its options too, unless given)."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for key, default in (("teacher", DEFAULT_TEACHER), ("student", DEFAULT_STUDENT)):
-            section = data.get(key)
-            if section is None:
-                data[key] = dict(default)
-            elif isinstance(section, dict) and "arch" not in section:
-                data[key] = {**default, **section}
-        return data
-
-    def method_params(self):
-        """The method's validated parameters (defaults filled in)."""
-        return get_method(self.method.name).Params.model_validate(self.method.params)
-
-
-def parse_config(raw: Any, source: str = "config") -> TrainConfig:
-    """Validate a loaded YAML document; every error names its field."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: the top level must be a mapping of sections (dataset, teacher, student, method, train), got {type(raw).__name__}")
-    cfg = validate_document(TrainConfig, raw, source)
-    method = get_method_or_error(cfg.method.name, source)
-    try:
-        method.Params.model_validate(cfg.method.params)
-    except ValidationError as exc:
-        raise UserError(f"{source}: {format_validation_error(exc, prefix='method.params')} (method '{method.name}' takes: "
-                        f"{', '.join(method.Params.model_fields) or 'no parameters'})") from None
-    return cfg
 
 
 def validate_document(model: type[BaseModel], raw: dict[str, Any], source: str):
@@ -134,12 +27,6 @@ def validate_document(model: type[BaseModel], raw: dict[str, Any], source: str):
         return model.model_validate(raw)
     except ValidationError as exc:
         raise UserError(f"{source}: {format_validation_error(exc)}") from None
-
-
-def get_method_or_error(name: str, source: str):
-    if name not in METHODS:
-        raise UserError(f"{source}: method.name: unknown method {show(name)}; known methods: {', '.join(METHODS)}")
-    return get_method(name)
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -162,13 +49,19 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     return f"{loc or '(top level)'}: {msg}{shown}" + (f"; and {more} more error(s)" if more else "")
 
 
-# --- what a message may quote of the user's input, and what a document may hold ---------------------------------
-
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_/-]{1,60}$")
+
+
 # a YAML file is small, but aliases can make it expand to billions of values, or refer to itself
 MAX_DEPTH = 50
+
+
 MAX_VALUES = 100_000
+
+
 MAX_INT = 2**63 - 1  # every count, size and seed kdarena passes on fits in 64 bits
+
+
 _NOT_CONFIG_VALUES = {bytes: "binary data (!!binary)", datetime.datetime: "a timestamp", datetime.date: "a date",
                       set: "a set (!!set)"}
 
@@ -361,13 +254,3 @@ def apply_overrides(raw: Any, overrides: list[str]) -> Any:
             node = child
         node[parts[-1]] = parsed
     return doc
-
-
-def read_train_config(path: str | Path | None, overrides: list[str]) -> tuple[TrainConfig, Any]:
-    """What `kdarena train` validates before any work: the file (or the default config), `--set` edits, the fields.
-
-    Returns the config and the document it came from; every problem is a UserError.
-    """
-    raw = load_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, overrides)
-    return parse_config(raw, str(path or "default config")), raw

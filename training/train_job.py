@@ -21,18 +21,17 @@ from kdarena.methods import Distiller, get_method
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import EpochResult, FitResult, eval_loader, evaluate, fit, pick_device
 from kdarena.methods.recipe import Recipe
-from kdarena.training.identity import dataset_tags, identity, mlflow_dataset
-from kdarena.training.record import Metric, Role, Tag
 from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset, load_dataset
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import StagedModel
 
 from .build import build_distiller, make_model, pair_info
-from .config import DatasetConfig, TeacherConfig, TrainConfig
-from .export import config_yaml, export_config
+from .config import DatasetConfig, TeacherConfig, TrainConfig, config_yaml, export_config
+from .identity import dataset_tags, identity, mlflow_dataset, student_tags
+from .record import Metric, Role, Status, Tag, epoch_metrics
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
-from .tracking import flatten, source_commit, writes_allowed
+from .tracking import ensure_experiment, flatten, source_commit, writes_allowed
 
 
 @dataclass
@@ -100,10 +99,7 @@ def load_config_dataset(ds: DatasetConfig) -> Dataset:
 
 
 def _log_epoch(e: EpochResult) -> None:
-    metrics = {"val_acc": e.val_acc, "train_acc": e.train_acc, "lr": e.lr, "epoch_seconds": e.seconds}
-    metrics |= {f"train_{k}": v for k, v in e.losses.items()}
-    metrics |= {f"diag_{k}": v for k, v in e.diagnostics.items()}
-    mlflow.log_metrics(metrics, step=e.epoch + 1)
+    mlflow.log_metrics(epoch_metrics(e), step=e.epoch + 1)
 
 
 def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None = None,
@@ -142,9 +138,7 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     mlflow.log_params(flatten("", {k: v for k, v in resolved.items() if k != "teacher"})
                       | flatten("teacher", {k: v for k, v in resolved["teacher"].items()}))
     ident = identity(data, cfg.dataset.root)
-    tags = {Tag.METHOD: cfg.method.name, Tag.STUDENT: cfg.student.arch, Tag.TEACHER: cfg.teacher.arch if teacher else "",
-            Tag.STUDENT_LABEL: cfg.student.label, Tag.TEACHER_LABEL: cfg.teacher.label if teacher else "",
-            **dataset_tags(ident)}
+    tags = student_tags(cfg, with_teacher=teacher is not None) | dataset_tags(ident)
     if teacher:
         tags |= {Tag.TEACHER_SHA256: teacher.sha256, Tag.TEACHER_KEY: teacher.key}
     commit = source_commit()
@@ -162,14 +156,15 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     result = fit(distiller, data, cfg.train, device=device, on_batch=callbacks.batch,
                  on_epoch=lambda e: (_log_epoch(e), callbacks.epoch(label, e)))
     cost = profile_cost(distiller.student, in_channels=data.in_channels, input_size=data.input_size)
-    final = {"params": cost.params, "flops": cost.flops, "macs": cost.macs, "latency_ms": cost.latency_ms,
-             "extra_params": distiller.extra_params(), "epochs_completed": len(result.history)}
+    final = {Metric.PARAMS: cost.params, Metric.FLOPS: cost.flops, Metric.MACS: cost.macs,
+             Metric.LATENCY_MS: cost.latency_ms, Metric.EXTRA_PARAMS: distiller.extra_params(),
+             Metric.EPOCHS_COMPLETED: len(result.history)}
     if result.val_acc is not None:
-        final |= {"final_val_acc": result.val_acc, "best_val_acc": result.best_val_acc}
+        final |= {Metric.FINAL_VAL_ACC: result.val_acc, Metric.BEST_VAL_ACC: result.best_val_acc}
     if result.test_acc is not None:
-        final["test_acc"] = result.test_acc
+        final[Metric.TEST_ACC] = result.test_acc
     if teacher and teacher.val_acc is not None:
-        final |= {"teacher_val_acc": teacher.val_acc, "teacher_test_acc": teacher.test_acc}
+        final |= {Metric.TEACHER_VAL_ACC: teacher.val_acc, Metric.TEACHER_TEST_ACC: teacher.test_acc}
     mlflow.log_metrics({k: float(v) for k, v in final.items() if v is not None})
     mlflow.set_tag(Tag.STATUS, result.status)
     if result.reason:
@@ -178,33 +173,19 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
         path = Path(tmp) / "student.pt"
         torch.save(distiller.student.state_dict(), path)
         mlflow.log_artifact(str(path))
-    if result.status != "completed":
+    if result.status != Status.COMPLETED:
         mlflow.end_run(status="FAILED")
 
     return {
         "status": result.status, "reason": result.reason,
         "method": cfg.method.name, "student": cfg.student.arch, "teacher": cfg.teacher.arch if teacher else None,
         "dataset": cfg.dataset.name, "dataset_label": data.label, "dataset_fingerprint": data.fingerprint,
-        "val_acc": result.val_acc, "best_val_acc": result.best_val_acc,
-        "test_acc": result.test_acc, "params": cost.params, "flops": cost.flops, "macs": cost.macs,
-        "latency_ms": cost.latency_ms, "extra_params": final["extra_params"],
+        Metric.VAL_ACC: result.val_acc, Metric.BEST_VAL_ACC: result.best_val_acc,
+        Metric.TEST_ACC: result.test_acc, Metric.PARAMS: cost.params, Metric.FLOPS: cost.flops, Metric.MACS: cost.macs,
+        Metric.LATENCY_MS: cost.latency_ms, Metric.EXTRA_PARAMS: final[Metric.EXTRA_PARAMS],
         "teacher_sha256": teacher.sha256 if teacher else None,
-        "teacher_val_acc": teacher.val_acc if teacher else None, "teacher_test_acc": teacher.test_acc if teacher else None,
+        Metric.TEACHER_VAL_ACC: teacher.val_acc if teacher else None,
+        Metric.TEACHER_TEST_ACC: teacher.test_acc if teacher else None,
         "teacher_trained_now": teacher.trained_now if teacher else False,
         "method_params": distiller.params.model_dump(mode="json"),
     }
-
-
-def ensure_experiment(name: str, tracking_uri: str) -> str:
-    """The experiment's id, created here (one writer) before anything else writes to the store.
-
-    With a sqlite store, artifacts go beside the database (`mlartifacts/`), not
-    wherever the command happened to run.
-    """
-    exp = mlflow.get_experiment_by_name(name)
-    if exp:
-        return exp.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)

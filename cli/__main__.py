@@ -1,0 +1,5 @@
+"""`python -m kdarena.cli`: the `kdarena` command."""
+
+from .app import main
+
+main()

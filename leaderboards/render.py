@@ -1,0 +1,136 @@
+"""The leaderboard rendered: Markdown, CSV, JSON and the terminal table, and the files `--export` writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+
+import pandas as pd
+
+from .board import cost_column
+from .references import REPORTED
+from .text import _num, accuracy_text, human
+
+FORMATS = ("table", "markdown", "csv", "json")
+# the columns `--format csv|json` write, ours and the reported rows alike
+FIELDS = ["rank", "dataset", "teacher", "student", "method", "test_acc_mean", "test_acc_std", "n_seeds",
+          "params", "macs", "flops", "latency_ms", "key_hparams", "pareto", "source", "reported", "run_id",
+          "sweep", "variant", "test_errors", "test_size", "note", "dataset_label", "dataset_fingerprint"]
+
+
+QUICKSTART_COMMAND = "kdarena sweep --preset quickstart"
+
+
+def display_rows(rows: pd.DataFrame) -> list[dict[str, str]]:
+    """Each row as the strings the terminal table and the Markdown export show."""
+    out = []
+    for row in rows.to_dict("records"):
+        reported = bool(row.get("reported"))
+        method = row["method"] + (f" ({row['variant']})" if reported and row.get("variant") else "")
+        latency = row["latency_ms"]
+        out.append({"rank": "ref" if reported else str(int(row["rank"])), "teacher": row["teacher"] or "—",
+                    "student": row["student"], "method": method, "test_acc": accuracy_text(row),
+                    "params": human(row["params"]),
+                    "macs": human(row["macs"]) if _num(row["macs"]) or not _num(row.get("flops"))
+                    else f"{human(row['flops'])} FLOPs",
+                    "latency": f"{latency:.3f} ms" if _num(latency) else "—", "hparams": row["key_hparams"] or "",
+                    "pareto": "★" if row["pareto"] else "", "source": row["source"]})
+    return out
+
+
+DISPLAY_HEADERS = {"rank": "rank", "teacher": "teacher", "student": "student", "method": "method",
+                   "test_acc": "test_acc", "params": "params", "macs": "MACs", "latency": "latency",
+                   "hparams": "key hyper-parameters", "pareto": "Pareto", "source": "source"}
+
+
+def markdown_table(rows: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of leaderboard (and reference) rows."""
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(DISPLAY_HEADERS.values()) + " |", "|" + "---|" * len(DISPLAY_HEADERS)]
+    for r in display_rows(rows):
+        lines.append("| " + " | ".join(cell(r[k]) for k in DISPLAY_HEADERS) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(rows: pd.DataFrame, *, by: str = "macs", title: str | None = None) -> str:
+    """Markdown for one or more datasets: a section per dataset, ours ranked, then the reported rows."""
+    cost = {"macs": "MACs", "params": "parameters", "latency_ms": "latency"}[cost_column(by)]
+    parts = [f"# {title}\n"] if title else []
+    for ds in dict.fromkeys(rows["dataset"].tolist()):
+        part = rows[rows["dataset"] == ds]
+        parts.append(f"## {ds}\n\n{markdown_table(part)}\n")
+    parts.append(f"★ = on the Pareto front of test accuracy vs {cost} (per dataset and teacher). test_acc is the "
+                 "mean ± sample std over final seeds, else one `kdarena train` run or the best full-budget trial "
+                 f"(chosen by val_acc). Rows marked `ref` are {REPORTED.rstrip(': ')}: published figures, never "
+                 "ranked among ours.\n")
+    return "\n".join(parts)
+
+
+def frame_for_export(rows: pd.DataFrame) -> pd.DataFrame:
+    """The CSV / JSON columns: counts as integers (or empty), flags as booleans."""
+    frame = rows.reindex(columns=FIELDS).copy()
+    for col in ("rank", "n_seeds", "test_errors", "test_size"):
+        frame[col] = frame[col].astype("Float64").round().astype("Int64")
+    frame["pareto"] = frame["pareto"].astype(bool)
+    frame["reported"] = frame["reported"].astype(bool)
+    return frame
+
+
+def empty_document(fmt: str) -> str:
+    """What a machine format prints for no rows: still parseable."""
+    return "[]\n" if fmt == "json" else ",".join(FIELDS) + "\n"
+
+
+def render(rows: pd.DataFrame, fmt: str, by: str, *, color: bool = False, width: int = 220) -> str:
+    """Leaderboard (and reference) rows as `fmt`: table (a terminal's, `width` wide), markdown, csv or json."""
+    if fmt == "markdown":
+        return markdown_report(rows, by=by, title="kdarena leaderboard")
+    if fmt == "csv":
+        return frame_for_export(rows).to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(json.loads(frame_for_export(rows).to_json(orient="records", double_precision=15)), indent=2) + "\n"
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=color, no_color=not color, highlight=False)
+    cost = {"macs": "MACs", "params": "params", "latency": "latency"}[by]
+    for ds in dict.fromkeys(rows["dataset"]):
+        table = Table(*DISPLAY_HEADERS.values(), title=f"{ds}: ranked by test accuracy; ★ = Pareto front vs {cost}")
+        for r, raw in zip(display_rows(rows[rows["dataset"] == ds]), rows[rows["dataset"] == ds]["reported"]):
+            table.add_row(*(r[k] for k in DISPLAY_HEADERS), style="dim" if raw else None)
+        console.print(table)
+    console.print("test_acc: mean ± sample std over final seeds, else one `kdarena train` run or the best full-budget "
+                  "trial (picked by val_acc)." + (" ref = reported (not reproduced): a published figure, shown for "
+                                                   "context, never ranked among ours." if rows["reported"].any() else ""),
+                  soft_wrap=True)
+    return buffer.getvalue()
+
+
+def write_markdown_files(rows: pd.DataFrame, by: str, folder: Path) -> list[Path]:
+    """`--export DIR`: one Markdown file per dataset, named by a slug of its name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in dict.fromkeys(rows["dataset"]):
+        path = folder / f"{slug(ds)}.md"
+        write_atomic(path, markdown_report(rows[rows["dataset"] == ds], by=by, title=f"kdarena leaderboard: {ds}"))
+        paths.append(path)
+    return paths
+
+
+def slug(name: str) -> str:
+    """A file name from any dataset name in the (possibly shared) store: never a path, never hidden."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "dataset"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """All or nothing: a half-written leaderboard never replaces a good one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(path)

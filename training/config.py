@@ -1,0 +1,165 @@
+"""The config `kdarena train` runs and a sweep's trials share: its schema, and the file `export` writes.
+
+Every problem a user can cause is found here, before any work starts, and
+reported as one `UserError` naming the field and the fix (the reading and
+checking is `documents.py`'s). `export_config` pins a resolved config to its
+teacher's weights: the file `kdarena train` re-runs exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdarena.methods import METHODS, get_method
+from kdarena.methods.recipe import Recipe
+from kdarena.zoo.data import DATASETS
+from kdarena.zoo.errors import UserError
+from kdarena.zoo.models import MODELS
+
+from .documents import apply_overrides, format_validation_error, load_yaml, show, validate_document
+
+
+class Strict(BaseModel):
+    """A config section: an unknown field is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetConfig(Strict):
+    name: str = "digits"
+    root: str | None = Field(None, description="where the files are (or go); default ~/.cache/kdarena/data")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0)
+    download: bool = Field(True, description="fetch missing files where the network allows")
+    label: str | None = Field(None, min_length=1, max_length=100,
+                              description="the name shown for this data; default the folder's name for imagefolder, "
+                                          "else the dataset's name")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {show(v)}; known datasets: {', '.join(DATASETS)}")
+        return v
+
+
+class ModelConfig(Strict):
+    arch: str
+    options: dict[str, Any] = Field(default_factory=dict, description="constructor options: width, depth, hidden, …")
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and leaderboards: arch plus its options, e.g. `cnn(channels=8)`."""
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.arch}({opts})" if opts else self.arch
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {show(v)}; known models: {', '.join(sorted(MODELS))}")
+        return v
+
+
+def _teacher_recipe() -> Recipe:
+    return Recipe(epochs=30, lr=0.05)
+
+
+class TeacherConfig(ModelConfig):
+    checkpoint: str | None = Field(None, description="a local state_dict file to use instead of training")
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="the teacher weights' expected sha256")
+    recipe: Recipe = Field(default_factory=_teacher_recipe)
+
+
+class MethodConfig(Strict):
+    name: str = "kd"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+# The zero-download default pair: a CNN teacher four times as wide as its student.
+DEFAULT_TEACHER = {"arch": "cnn", "options": {"channels": 32}}
+
+
+DEFAULT_STUDENT = {"arch": "cnn", "options": {"channels": 8}}
+
+
+class TrainConfig(Strict):
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    teacher: TeacherConfig
+    student: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: Recipe = Field(default_factory=Recipe)
+    cache_dir: str | None = Field(None, description="teacher store; default ~/.cache/kdarena/teachers")
+    experiment: str = Field("kdarena", min_length=1, description="MLflow experiment name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_pair(cls, data: Any) -> Any:
+        """A section that names no `arch` is the default pair's (its options too, unless given)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, default in (("teacher", DEFAULT_TEACHER), ("student", DEFAULT_STUDENT)):
+            section = data.get(key)
+            if section is None:
+                data[key] = dict(default)
+            elif isinstance(section, dict) and "arch" not in section:
+                data[key] = {**default, **section}
+        return data
+
+    def method_params(self):
+        """The method's validated parameters (defaults filled in)."""
+        return get_method(self.method.name).Params.model_validate(self.method.params)
+
+
+def parse_config(raw: Any, source: str = "config") -> TrainConfig:
+    """Validate a loaded YAML document; every error names its field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the top level must be a mapping of sections (dataset, teacher, student, method, train), got {type(raw).__name__}")
+    cfg = validate_document(TrainConfig, raw, source)
+    method = get_method_or_error(cfg.method.name, source)
+    try:
+        method.Params.model_validate(cfg.method.params)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {format_validation_error(exc, prefix='method.params')} (method '{method.name}' takes: "
+                        f"{', '.join(method.Params.model_fields) or 'no parameters'})") from None
+    return cfg
+
+
+def get_method_or_error(name: str, source: str):
+    if name not in METHODS:
+        raise UserError(f"{source}: method.name: unknown method {show(name)}; known methods: {', '.join(METHODS)}")
+    return get_method(name)
+
+
+def read_train_config(path: str | Path | None, overrides: list[str]) -> tuple[TrainConfig, Any]:
+    """What `kdarena train` validates before any work: the file (or the default config), `--set` edits, the fields.
+
+    Returns the config and the document it came from; every problem is a UserError.
+    """
+    raw = load_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides)
+    return parse_config(raw, str(path or "default config")), raw
+
+
+def export_config(config: dict[str, Any], teacher_sha256: str | None) -> dict[str, Any]:
+    """A trial's config as `kdarena train` takes it, pinned to its teacher's weights."""
+    config = TrainConfig.model_validate(config).model_dump(mode="json")
+    # free-form mappings in one order, so every writer of a config gives the same bytes
+    for section in (config["method"], config["student"], config["teacher"]):
+        key = "params" if section is config["method"] else "options"
+        section[key] = dict(sorted(section[key].items()))
+    if teacher_sha256 and get_method(config["method"]["name"]).needs_teacher:
+        config["teacher"]["sha256"] = teacher_sha256
+    return config
+
+
+def config_yaml(config: dict[str, Any]) -> str:
+    """The YAML text of one exported config (also what the dashboard offers for download)."""
+    return yaml.safe_dump(config, sort_keys=False)
