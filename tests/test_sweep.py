@@ -419,3 +419,35 @@ def test_a_damaged_records_file_is_one_clear_error_and_rebuilds_from_mlflow_and_
     assert runs() == before, "no run created twice"
     assert list(root.glob("records.json.damaged-*"))
     assert CliRunner().invoke(app, ["export", "small"]).exit_code == 0
+
+
+@pytest.mark.slow
+def test_every_registered_method_completes_a_trial_and_ranks(local_ray, tmp_path, monkeypatch):
+    """sweeps/all-methods.yaml, on a smaller budget: each of the methods trains through a real sweep to a completed
+    trial, and the leaderboard and the dashboard show every one of them."""
+    from streamlit.testing.v1 import AppTest
+
+    import kdarena.dashboard
+    from kdarena.methods import METHODS
+    from kdarena.sweeps import preset_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    doc = yaml.safe_load(preset_path("all-methods").read_text())
+    assert set(doc["methods"]) == set(METHODS)
+    doc |= {"teacher": doc["teacher"] | {"recipe": {"epochs": 3}},
+            "budget": doc["budget"] | {"trials_per_method": 1, "epochs": 2}}
+    result = CliRunner().invoke(app, ["sweep", str(_write(tmp_path / "all.yaml", doc))], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    trials = _records(tmp_path / "kdarena-sweeps" / "all-methods")["trials"].values()
+    assert {r["method"]: r["status"] for r in trials} == dict.fromkeys(METHODS, "completed")
+
+    board = CliRunner().invoke(app, ["leaderboard", "--format", "json", "--no-references"], catch_exceptions=False)
+    assert sorted(r["method"] for r in json.loads(board.stdout)) == sorted(METHODS)
+    monkeypatch.setenv("KDARENA_TRACKING_URI", uri)
+    at = AppTest.from_file(str(Path(kdarena.dashboard.__file__).with_name("app.py")), default_timeout=120).run()
+    assert not at.exception
+    [table] = [df for df in at.dataframe if "method" in df.value.columns]
+    assert sorted(table.value["method"]) == sorted(METHODS)
