@@ -12,7 +12,7 @@ from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
 from kdarena.zoo.augment import CropFlip, NoAugment, Strong, Translate, parse_policy
 from kdarena.zoo.data import BatchLoader
-from helpers import CPU, digits_model, digits_pair, uninterrupted_and_resumed
+from helpers import CPU, digits_model, digits_pair, shifted as _shift, uninterrupted_and_resumed
 
 POLICIES = [NoAugment(), CropFlip(padding=2), Translate(shift=2), Strong(padding=1, ops=2, magnitude=9)]
 
@@ -23,14 +23,6 @@ def _images(n: int = 32, c: int = 3, size: int = 8, seed: int = 0) -> torch.Tens
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _shift(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    out = torch.zeros_like(img)
-    h, w = img.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = img[..., max(-dy, 0):h - max(dy, 0),
-                                                                          max(-dx, 0):w - max(dx, 0)]
-    return out
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.policy)

@@ -8,6 +8,7 @@ import torch
 
 from kdarena.zoo.augment import CropFlip, random_crop, random_flip
 from kdarena.zoo.data import BatchLoader, load_dataset
+from helpers import shifted as _shifted
 
 
 def _ids(split) -> set[bytes]:
@@ -67,15 +68,6 @@ def test_random_crop_shifts_each_image_by_its_own_offset():
         offsets.add(matches[0])
     assert (0, 0) in offsets or len(offsets) > 1
     assert len(offsets) >= 15, "64 images draw most of the 25 possible shifts, each its own"
-
-
-def _shifted(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """`img` moved down by dy and right by dx, zero fill."""
-    out = torch.zeros_like(img)
-    h, w = img.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = img[..., max(-dy, 0):h - max(dy, 0),
-                                                                          max(-dx, 0):w - max(dx, 0)]
-    return out
 
 
 def test_random_flip_mirrors_about_half():

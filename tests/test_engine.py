@@ -12,7 +12,7 @@ from kdarena.methods.engine import fit, lr_factor
 from kdarena.methods.kd import KD, kd_loss
 from kdarena.methods.recipe import Recipe
 
-from helpers import digits_cnn, digits_pair as _pair
+from helpers import assert_same_state, digits_cnn, digits_pair as _pair
 
 
 def _teacher(digits):
@@ -39,8 +39,7 @@ def test_kd_with_alpha_zero_equals_baseline_step_for_step(digits):
     ra = fit(Baseline(a, None, Baseline.Params(), _pair(a, teacher)), digits, recipe, device=torch.device("cpu"))
     rb = fit(KD(b, teacher, KD.Params(alpha=0.0, temperature=4.0), _pair(b, teacher)), digits, recipe,
              device=torch.device("cpu"))
-    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(pa, pb)
+    assert_same_state(a, b)
     assert [e.val_acc for e in ra.history] == [e.val_acc for e in rb.history]
     assert rb.history[0].losses["loss_kd"] == 0.0
 
@@ -86,8 +85,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(digits, tmp_path):
     resumed = run(fresh, tmp_path / "b.pt")
     assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
     assert resumed.test_acc == full.test_acc
-    for pa, pb in zip(whole.state_dict().values(), fresh.state_dict().values()):
-        assert torch.equal(pa, pb)
+    assert_same_state(whole, fresh)
 
 
 class _Exploding(Baseline):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -11,23 +12,13 @@ from torch import nn
 
 from kdarena.methods import METHODS, PairInfo, StepInfo
 from kdarena.methods.ab import AB, ab_loss
-from kdarena.methods.recipe import Recipe
 from kdarena.zoo.models import StageShape
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_resumed_exactly, assert_same_state, digits_batch as _batch, digits_distiller,
+                     digits_model as _model, digits_pair as _pair, digits_teacher_student, sin_pattern,
+                     two_epochs_and_resumed)
 
-
-def _ab(student, teacher, **params) -> AB:
-    teacher.eval().requires_grad_(False)
-    return AB(student, teacher, AB.Params(**params), _pair(student, teacher))
-
-
-def _fixed(shape: tuple[int, ...], phase: float, scale: float = 2.0) -> torch.Tensor:
-    return scale * torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 0.7 + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_ab = functools.partial(digits_distiller, AB)
+_fixed = functools.partial(sin_pattern, scale=2.0)
 
 
 def _by_hand(sources, targets, margin: float) -> float:
@@ -115,8 +106,7 @@ def test_connectors_bring_the_student_map_to_the_teachers_shape(s_hw, t_hw, kind
 
 
 def test_init_stage_trains_features_and_connectors_not_the_classifier():
-    teacher = _model("cnn", 0, channels=8)
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _ab(student, teacher, ab_weight=2.0)
     x, y = _batch()
     _, losses = d.forward_train(x, y, StepInfo(epoch=0, total_epochs=8, step=0, steps_per_epoch=5))
@@ -153,21 +143,11 @@ def test_one_stage_variant_adds_the_weighted_loss_and_kd_to_ce():
 
 
 def test_two_epochs_on_digits_run_both_stages_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-    made = []
-
-    def make():
-        made.append(_ab(_model("cnn", 3, channels=4), teacher, init_epochs=0.5))
-        return made[-1]
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, made = two_epochs_and_resumed(lambda s, t: _ab(s, t, init_epochs=0.5), digits, tmp_path)
     assert full.status == "completed"
     assert [set(e.losses) for e in full.history] == [{"loss_ab"}, {"loss_ce"}]
     assert [e.diagnostics["stage"] for e in full.history] == [1, 2]
     assert all(math.isfinite(e.diagnostics["ab_loss"]) for e in full.history)
     assert made[0].classifier_free_epochs(2) == 1
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
-    for a, b in zip(made[0].state_dict().values(), made[-1].state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resumed_exactly(full, resumed)
+    assert_same_state(made[0], made[-1])

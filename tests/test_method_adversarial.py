@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -12,16 +13,11 @@ from typer.testing import CliRunner
 
 from kdarena.methods import METHODS
 from kdarena.methods.adversarial import Adversarial
-from kdarena.methods.baseline import Baseline
-from kdarena.methods.engine import fit
-from kdarena.methods.recipe import Recipe
 from kdarena.cli.app import app
-from helpers import CPU, uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_logged_finite_each_epoch, assert_resumed_exactly, cli_train_summary, digits_distiller,
+                     digits_model as _model, fit_alone_and_distilled, two_epochs_and_resumed)
 
-
-def _adversarial(student, teacher, **params) -> Adversarial:
-    return Adversarial(student, teacher.eval().requires_grad_(False), Adversarial.Params(**params),
-                       _pair(student, teacher))
+_adversarial = functools.partial(digits_distiller, Adversarial)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -93,24 +89,15 @@ def test_discriminator_step_moves_only_the_discriminator_and_ignores_the_student
 
 def test_beta_zero_is_the_student_trained_alone(digits):
     teacher = _model("cnn", 1, channels=8)
-    recipe = Recipe(epochs=1, batch_size=64)
-    s1, s2 = _model("cnn", 5, channels=4), _model("cnn", 5, channels=4)
-    r1 = fit(Baseline(s1, None, Baseline.Params(), _pair(s1, s1)), digits, recipe, device=CPU, evaluate_test=False)
-    r2 = fit(_adversarial(s2, teacher, beta=0.0, d_warmup=5), digits, recipe, device=CPU, evaluate_test=False)
-    for p1, p2 in zip(s1.state_dict().values(), s2.state_dict().values()):
-        assert torch.equal(p1, p2)  # BN statistics too: the discriminator's step leaves the student alone
-    assert r1.history[0].val_acc == r2.history[0].val_acc
+    # equal weights and BN statistics too: the discriminator's step leaves the student alone
+    alone, distilled = fit_alone_and_distilled(lambda s: _adversarial(s, teacher, beta=0.0, d_warmup=5), digits, 64)
+    assert alone.history[0].val_acc == distilled.history[0].val_acc
 
 
 def test_resume_restores_discriminator_and_its_optimizer(digits, tmp_path):
-    teacher = _model("cnn", 1, channels=8)
-    recipe = Recipe(epochs=2, batch_size=128)
-    def make():
-        return _adversarial(_model("cnn", 9, channels=4), teacher, beta=0.5, d_warmup=10)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, recipe, tmp_path)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    full, resumed, _ = two_epochs_and_resumed(lambda s, t: _adversarial(s, t, beta=0.5, d_warmup=10), digits,
+                                              tmp_path, batch_size=128, seeds=(1, 9))
+    assert_resumed_exactly(full, resumed, ("val_acc", "diagnostics"))
     assert resumed.test_acc == full.test_acc
 
 
@@ -126,18 +113,12 @@ def test_listed_with_its_search_space():
 
 
 def test_train_cli_distils_a_cnn_into_an_mlp_and_logs_diagnostics(cache_env, tmp_path):
-    result = CliRunner().invoke(app, ["train", "--json", "--set", "method.name=adversarial",
-                                      "--set", "student.arch=mlp", "--set", "student.options.hidden=[64]",
-                                      "--set", "teacher.options.channels=8",
-                                      "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"],
+    summary = cli_train_summary("method.name=adversarial", "student.arch=mlp", "student.options.hidden=[64]",
+                                "teacher.options.channels=8", "teacher.recipe.epochs=2", "train.epochs=2",
                                 catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
     assert summary["status"] == "completed" and summary["student"] == "mlp"
     assert summary["extra_params"] > 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for name in ("diag_d_accuracy", "diag_d_loss", "diag_adv_loss", "train_loss_adv"):
-        history = client.get_metric_history(summary["run_id"], name)
-        assert [m.step for m in history] == [1, 2], name
-        assert all(math.isfinite(m.value) for m in history)
+    assert_logged_finite_each_epoch(client, summary["run_id"],
+                                    ("diag_d_accuracy", "diag_d_loss", "diag_adv_loss", "train_loss_adv"))
     assert all(0 <= m.value <= 1 for m in client.get_metric_history(summary["run_id"], "diag_d_accuracy"))

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import copy
-import json
+import functools
 import math
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from torch.nn import functional as F
-from typer.testing import CliRunner
-
-import kdarena.cli
 from kdarena.methods import METHODS
 from kdarena.methods.at import AT, at_loss, attention_map
-from kdarena.methods.baseline import Baseline
-from kdarena.methods.engine import fit
-from kdarena.methods.recipe import Recipe
-from helpers import CPU, digits_model as _model, digits_pair as _pair
+from helpers import (as_float as _f, assert_backward_reaches_the_student_alone, cli_train, cli_train_summary,
+                     digits_batch as _batch, digits_distiller, digits_model as _model, digits_pair as _pair,
+                     digits_teacher_student, fit_alone_and_distilled)
 
-
-def _at(student, teacher, **params) -> AT:
-    teacher.eval().requires_grad_(False)
-    return AT(student, teacher, AT.Params(**params), _pair(student, teacher))
-
-
-def _f(t: torch.Tensor) -> float:
-    return float(t.detach())
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_at = functools.partial(digits_distiller, AT)
 
 
 def test_registered_with_the_authors_defaults_and_space():
@@ -78,8 +62,7 @@ def test_loss_is_zero_for_a_copy_of_the_teacher_and_positive_otherwise():
 
 
 def test_total_is_ce_plus_half_beta_at_with_gradients_to_the_student_only():
-    teacher = _model("cnn", 0, channels=16, num_stages=4)  # 4 spatial stages against the student's 3
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=16, num_stages=4)  # 4 spatial stages against the student's 3
     d = _at(student, teacher, at_weight=300.0, p=4)
     assert len(d.pairs) == 3 and d.pairs[0] == (0, 0) and d.pairs[-1] == (2, 3)
     x, y = _batch()
@@ -102,21 +85,13 @@ def test_total_is_ce_plus_half_beta_at_with_gradients_to_the_student_only():
     assert d.pop_diagnostics()["at_loss"] == pytest.approx(hand, rel=1e-5)  # the diagnostic is the unweighted L_AT
     assert _f(losses["loss_ce"]) == pytest.approx(_f(F.cross_entropy(logits, y)), rel=1e-6)
 
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert student.stages[0].convs[0].weight.grad.abs().sum() > 0
-    assert d.extra_params() == 0
+    assert_backward_reaches_the_student_alone(d, losses)
 
 
 def test_at_weight_zero_is_the_student_trained_alone(digits):
     teacher = _model("cnn", 0, channels=16)
-    a, b = _model("cnn", 5, channels=4), _model("cnn", 5, channels=4)
-    recipe = Recipe(epochs=1, batch_size=128)
-    fit(Baseline(a, None, Baseline.Params(), _pair(a, a)), digits, recipe, device=CPU, evaluate_test=False)
-    result = fit(_at(b, teacher, at_weight=0.0), digits, recipe, device=CPU, evaluate_test=False)
+    _, result = fit_alone_and_distilled(lambda student: _at(student, teacher, at_weight=0.0), digits, 128)
     assert result.history[0].losses["loss_at"] == 0.0 and result.history[0].diagnostics["at_loss"] > 0
-    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(pa, pb)
 
 
 def test_check_pair_refuses_pairs_without_spatial_maps():
@@ -128,10 +103,7 @@ def test_check_pair_refuses_pairs_without_spatial_maps():
 
 
 def test_train_cli_at_records_the_attention_diagnostic(migrated_store, tmp_path):
-    result = CliRunner().invoke(kdarena.cli.app, [
-        "train", "--json", "--set", "method.name=at", "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    summary = cli_train_summary("method.name=at", "teacher.recipe.epochs=2", "train.epochs=2")
     assert summary["status"] == "completed" and summary["method"] == "at"
     assert summary["extra_params"] == 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -142,8 +114,7 @@ def test_train_cli_at_records_the_attention_diagnostic(migrated_store, tmp_path)
 
 
 def test_train_cli_refuses_at_on_an_mlp_student_before_any_work(cache_env, tmp_path):
-    result = CliRunner().invoke(kdarena.cli.app, [
-        "train", "--set", "method.name=at", "--set", "student.arch=mlp", "--set", "train.epochs=2"])
+    result = cli_train("method.name=at", "student.arch=mlp", "train.epochs=2")
     assert result.exit_code == 2, result.output
     assert "method 'at'" in result.stderr and "student 'mlp'" in result.stderr and "spatial" in result.stderr
     assert "Traceback" not in result.output

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -10,22 +11,11 @@ import torch
 
 from kdarena.methods import METHODS
 from kdarena.methods.cc import CC, cc_loss
-from kdarena.methods.recipe import Recipe
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (MLP_PAIRS, assert_one_step_trains_the_student, assert_two_epochs_resume_exactly,
+                     digits_batch as _batch, digits_distiller, digits_mlp_or_cnn, digits_pair as _pair,
+                     digits_teacher_student, sin_pattern as _fixed)
 
-
-def _cc(student, teacher, **params) -> CC:
-    teacher.eval().requires_grad_(False)
-    return CC(student, teacher, CC.Params(**params), _pair(student, teacher))
-
-
-def _fixed(b: int, d: int, phase: float, freq: float = 0.7) -> torch.Tensor:
-    return torch.sin(torch.arange(b * d, dtype=torch.float64).reshape(b, d) * freq + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_cc = functools.partial(digits_distiller, CC)
 
 
 def _adjacent_by_hand(s: torch.Tensor, t: torch.Tensor) -> float:
@@ -60,7 +50,7 @@ def test_registered_with_the_reference_defaults_and_space():
 
 
 def test_adjacent_loss_equals_its_formula_and_repdistillers_value():
-    s, t = _fixed(5, 4, 0.0), _fixed(5, 4, 1.0, 0.45)
+    s, t = _fixed((5, 4), 0.0), _fixed((5, 4), 1.0, 0.45)
     assert float(cc_loss(s, t)) == pytest.approx(_adjacent_by_hand(s, t), rel=1e-12)
     # RepDistiller distiller_zoo/CC.py @ b84f547, Correlation()(s, t) on these float64 tensors, run in a scratch folder
     assert float(cc_loss(s, t)) == pytest.approx(2.2842800789505864, rel=1e-12)
@@ -68,7 +58,7 @@ def test_adjacent_loss_equals_its_formula_and_repdistillers_value():
 
 @pytest.mark.parametrize("kernel, reference", [("gaussian", 0.15483550235325394), ("bilinear", 0.4330999026087584)])
 def test_all_pairs_kernels_equal_the_papers_formula_and_torchdistills_value(kernel, reference):
-    s, t = _fixed(5, 4, 0.0), _fixed(5, 4, 1.0, 0.45)
+    s, t = _fixed((5, 4), 0.0), _fixed((5, 4), 1.0, 0.45)
     assert float(cc_loss(s, t, kernel)) == pytest.approx(_kernel_by_hand(s, t, kernel), rel=1e-12)
     # torchdistill losses/mid_level.py CCKDLoss @ 3e4373c, kernel {gamma: 0.4, max_p: 2}, reduction 'batchmean',
     # on these float64 tensors, run in a scratch folder
@@ -78,7 +68,7 @@ def test_all_pairs_kernels_equal_the_papers_formula_and_torchdistills_value(kern
 
 
 def test_adjacent_depends_on_batch_order_the_all_pairs_kernels_do_not():
-    s, t = _fixed(6, 4, 0.2), _fixed(6, 4, 1.4, 0.45)
+    s, t = _fixed((6, 4), 0.2), _fixed((6, 4), 1.4, 0.45)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     before, after = float(cc_loss(s, t)), float(cc_loss(s[perm], t[perm]))
     assert after == pytest.approx(_adjacent_by_hand(s[perm], t[perm]), rel=1e-12)
@@ -88,21 +78,20 @@ def test_adjacent_depends_on_batch_order_the_all_pairs_kernels_do_not():
 
 
 def test_a_batch_of_one_has_no_neighbours_and_gives_zero():
-    assert float(cc_loss(_fixed(1, 4, 0.0), _fixed(1, 4, 1.0))) == 0.0
+    assert float(cc_loss(_fixed((1, 4), 0.0), _fixed((1, 4), 1.0))) == 0.0
 
 
 @pytest.mark.parametrize("kernel", ["adjacent", "gaussian", "bilinear"])
 def test_gradcheck_in_float64(kernel):
-    s = _fixed(4, 3, 0.1).requires_grad_()
-    t = _fixed(4, 3, 1.3, 0.45).requires_grad_()  # the teacher's head is trained too
+    s = _fixed((4, 3), 0.1).requires_grad_()
+    t = _fixed((4, 3), 1.3, 0.45).requires_grad_()  # the teacher's head is trained too
     assert torch.autograd.gradcheck(lambda a, b: cc_loss(a, b, kernel), (s, t))
     assert cc_loss(s, t, kernel).dtype == torch.float64
     assert cc_loss(s.detach().bfloat16(), t.detach().bfloat16(), kernel).dtype == torch.float32
 
 
 def test_heads_embed_the_pooled_last_stages_and_are_training_only():
-    teacher = _model("cnn", 0, channels=8)
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _cc(student, teacher, cc_weight=0.5, feat_dim=16)
     assert (d.embed_s.in_features, d.embed_t.in_features, d.embed_s.out_features) == (16, 32, 16)
     x, y = _batch()
@@ -123,29 +112,12 @@ def test_heads_embed_the_pooled_last_stages_and_are_training_only():
     assert not any(n.startswith("embed") for n, _ in student.named_parameters())
 
 
-@pytest.mark.parametrize("student_arch, teacher_arch", [("mlp", "cnn"), ("mlp", "mlp"), ("cnn", "mlp")])
+@pytest.mark.parametrize("student_arch, teacher_arch", MLP_PAIRS)
 def test_check_pair_serves_mlps_on_their_last_hidden_layer(student_arch, teacher_arch):
-    options = {"mlp": {"hidden": [16, 12]}, "cnn": {"channels": 4}}
-    student, teacher = _model(student_arch, 0, **options[student_arch]), _model(teacher_arch, 1, **options[teacher_arch])
+    student, teacher = digits_mlp_or_cnn(student_arch, teacher_arch)
     assert CC.check_pair(CC.Params(), _pair(student, teacher)) is None
-    d = _cc(student, teacher, kernel="gaussian")
-    x, y = _batch()
-    _, losses = d.forward_train(x, y, None)
-    assert math.isfinite(float(losses["loss_cc"].detach())) and float(losses["loss_cc"].detach()) > 0
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in student.parameters())
+    assert_one_step_trains_the_student(_cc(student, teacher, kernel="gaussian"), "loss_cc")
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-
-    def make():
-        return _cc(_model("cnn", 3, channels=4), teacher)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
-    assert full.status == "completed" and len(full.history) == 2
-    assert all({"loss_ce", "loss_cc"} == set(e.losses) for e in full.history)
-    assert all(math.isfinite(e.losses["loss_cc"]) and e.losses["loss_cc"] > 0 for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_two_epochs_resume_exactly(_cc, digits, tmp_path, "loss_cc")

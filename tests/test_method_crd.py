@@ -10,8 +10,8 @@ import torch
 
 from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.crd import CRD, crd_objective
-from kdarena.methods.recipe import Recipe
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_resumed_exactly, assert_same_state, digits_batch as _batch, digits_model as _model,
+                     digits_pair as _pair, sin_pattern as _fixed, two_epochs_and_resumed)
 
 
 def _crd(student, teacher, num_train: int, **params) -> CRD:
@@ -19,17 +19,8 @@ def _crd(student, teacher, num_train: int, **params) -> CRD:
     return CRD(student, teacher, CRD.Params(**params), dataclasses.replace(_pair(student, teacher), num_train=num_train))
 
 
-def _fixed(shape: tuple[int, ...], phase: float) -> torch.Tensor:
-    return torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 0.7 + phase)
-
-
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
 
 
 def _nce_by_hand(anchors, bank, rows, z: float, n: int, tau: float) -> float:
@@ -141,21 +132,12 @@ def test_negatives_are_other_classes_and_k_is_clamped_to_the_split():
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-    made = []
-
-    def make():
-        made.append(_crd(_model("cnn", 3, channels=4), teacher, len(digits.train), alpha=0.5))
-        return made[-1]
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, made = two_epochs_and_resumed(lambda s, t: _crd(s, t, len(digits.train), alpha=0.5), digits,
+                                                 tmp_path)
     assert full.status == "completed"
     assert all(set(e.losses) == {"loss_ce", "loss_crd", "loss_kd"} for e in full.history)
     assert all(math.isfinite(e.losses["loss_crd"]) and e.losses["loss_crd"] > 0 for e in full.history)
     assert full.history[0].diagnostics["nce_k"] == len(digits.train) - 1
     assert torch.equal(made[0].labels, digits.train.labels.long())  # every label learnt in the first epoch
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
-    for (name, a), b in zip(made[0].state_dict().items(), made[-1].state_dict().values()):
-        assert torch.equal(a, b), name  # the banks, labels and Z included
+    assert_resumed_exactly(full, resumed)
+    assert_same_state(made[0], made[-1])  # the banks, labels and Z included

@@ -8,16 +8,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kdarena.methods import METHODS, PairInfo, StepInfo
+from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.ctkd import CTKD, curriculum_lambda
 from kdarena.methods.kd import kd_loss
-from kdarena.methods.recipe import Recipe
-from kdarena.zoo.models import StagedModel, StageOutput
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
-
-ZS = [[1.0, 2.0, 0.5, -1.0], [0.0, -0.5, 1.5, 3.0], [2.0, 1.0, 0.0, -2.0]]
-ZT = [[0.5, 3.0, -1.0, 0.0], [1.0, 0.0, 0.5, 4.0], [3.0, -1.0, 1.0, 0.0]]
-Y = [1, 3, 0]
+from helpers import (Y, ZS, ZT, as_float as _f, assert_resumed_exactly, assert_serves_any_pair_with_logits,
+                     digits_distiller, digits_model as _model, f64 as _t, kd_by_hand as _kd_by_hand, on_logit_halves,
+                     two_epochs_and_resumed)
 
 # zhengli97/CTKD @ 7d52522 on ZS, ZT in float64: Global_T (models/temp_global.py) with the loop's
 # temp = 1 + 20·sigmoid(global_T), the curriculum value of epoch 5 (train_student.py CosineDecay(0, -1, 10): -0.5),
@@ -30,43 +26,12 @@ REF_DECAY = [-0.02447174185242318, -0.09549150281252627, -0.20610737385376343, -
              -0.6545084971874737, -0.7938926261462365, -0.9045084971874737, -0.9755282581475768, -1.0, -1.0, -1.0]
 
 
-def _t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def _f(t: torch.Tensor) -> float:
-    return float(t.detach())
-
-
 def _at(epoch: int, total: int = 240) -> StepInfo:
     return StepInfo(epoch=epoch, total_epochs=total, step=0, steps_per_epoch=1)
 
 
-class _Halves(StagedModel):
-    """A stand-in network whose input is `[z_student | z_teacher]`: it outputs one half as its logits."""
-
-    def __init__(self, half: int):
-        super().__init__()
-        self.half = half
-
-    def forward_stages(self, x: torch.Tensor) -> StageOutput:
-        c = x.shape[1] // 2
-        return StageOutput(x[:, self.half * c:(self.half + 1) * c], [], [])
-
-
 def _fixed(**params) -> CTKD:
-    d = CTKD(_Halves(0), _Halves(1), CTKD.Params(**params), PairInfo([], [], 4, 1, 8))
-    return d.double()
-
-
-def _kd_by_hand(zs, zt, T) -> float:
-    total = 0.0
-    for s_row, t_row in zip(zs, zt):
-        es = [math.exp(v / T) for v in s_row]
-        et = [math.exp(v / T) for v in t_row]
-        ps, pt = [v / sum(es) for v in es], [v / sum(et) for v in et]
-        total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
-    return T * T * total / len(zs)
+    return on_logit_halves(CTKD, **params).double()
 
 
 def test_registered_with_the_authors_cifar_defaults_and_space():
@@ -130,32 +95,23 @@ def test_loss_has_correct_float64_gradients_in_logits_and_temperature():
 
 def test_temperature_is_a_training_only_parameter_trained_with_the_student():
     student, teacher = _model("cnn", 1, channels=4), _model("cnn", 0, channels=8)
-    d = CTKD(student, teacher.eval().requires_grad_(False), CTKD.Params(), _pair(student, teacher))
+    d = digits_distiller(CTKD, student, teacher)
     assert d.extra_params() == 1
     assert any(p is d.temperature.theta for p in d.student_optimizer_parameters())
     assert "temperature.theta" in d.state_dict()
 
 
 def test_check_pair_serves_any_pair_with_logits():
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert CTKD.check_pair(CTKD.Params(), _pair(mlp, cnn)) is None
-    assert CTKD.check_pair(CTKD.Params(), _pair(cnn, mlp)) is None
+    assert_serves_any_pair_with_logits(CTKD)
 
 
 def test_two_epochs_on_digits_learn_the_temperature_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8).eval().requires_grad_(False)
-
-    def make():
-        student = _model("cnn", 3, channels=4)
-        return CTKD(student, teacher, CTKD.Params(curriculum=1.0), _pair(student, teacher))
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, _ = two_epochs_and_resumed(lambda s, t: digits_distiller(CTKD, s, t, curriculum=1.0), digits,
+                                              tmp_path)
     assert full.status == "completed" and len(full.history) == 2
     assert all(set(e.losses) == {"loss_ce", "loss_kd"} for e in full.history)
     assert [e.diagnostics["lambda"] for e in full.history] == pytest.approx([0.5, 1.0])
     temps = [e.diagnostics["temperature"] for e in full.history]
     assert all(1.0 < t < 21.0 for t in temps) and temps[0] != pytest.approx(REF_T0, rel=1e-6)  # it moved
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_resumed_exactly(full, resumed)
     assert resumed.test_acc == full.test_acc

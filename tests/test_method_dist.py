@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import functools
 import math
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from kdarena.methods import METHODS, PairInfo
+from kdarena.methods import METHODS
 from kdarena.methods.dist import DIST, dist_terms
-from kdarena.methods.recipe import Recipe
-from kdarena.zoo.models import StagedModel, StageOutput
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
-
-ZS = [[1.0, 2.0, 0.5, -1.0], [0.0, -0.5, 1.5, 3.0], [2.0, 1.0, 0.0, -2.0]]
-ZT = [[0.5, 3.0, -1.0, 0.0], [1.0, 0.0, 0.5, 4.0], [3.0, -1.0, 1.0, 0.0]]
-Y = [1, 3, 0]
+from helpers import (Y, ZS, ZT, as_float as _f, assert_resumed_exactly, assert_serves_any_pair_with_logits,
+                     digits_distiller, f64 as _t, on_logit_halves, two_epochs_and_resumed)
 
 # The authors' DIST(beta=1, gamma=1, tau=4) ×2 (their CIFAR kd_loss_weight) on ZS, ZT in float64
 # (hunto/image_classification_sota lib/models/losses/dist_kd.py @ 6f7a70a, the same file as at d9662f7),
@@ -28,10 +25,6 @@ REF_TORCHDISTILL_CIFAR = 21.58223905204964
 # a very confident teacher (below) against itself at τ = 1: the authors' intra relation, and torchdistill's
 CONFIDENT = [[10.0, 0.0, 0.1, -0.1], [10.0, 0.1, 0.0, 0.2], [10.0, -0.2, 0.1, 0.0]]
 REF_AUTHORS_SELF_INTRA, REF_TORCHDISTILL_SELF_INTRA = 0.9902410172799427, 0.0
-
-
-def _t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 def _pearson(a: list[float], b: list[float], eps: float = 1e-8) -> float:
@@ -57,25 +50,9 @@ def _by_hand(zs, zt, tau) -> tuple[float, float]:
     return inter, intra
 
 
-class _Halves(StagedModel):
-    """A stand-in network whose input is `[z_student | z_teacher]`: it outputs one half as its logits."""
-
-    def __init__(self, half: int):
-        super().__init__()
-        self.half = half
-
-    def forward_stages(self, x: torch.Tensor) -> StageOutput:
-        c = x.shape[1] // 2
-        return StageOutput(x[:, self.half * c:(self.half + 1) * c], [], [])
-
-
 def _on_fixed(zs, zt, **params) -> dict[str, torch.Tensor]:
-    d = DIST(_Halves(0), _Halves(1), DIST.Params(**params), PairInfo([], [], 4, 1, 8))
+    d = on_logit_halves(DIST, **params)
     return d.forward_train(torch.cat([_t(zs), _t(zt)], 1), torch.tensor(Y), None)[1]
-
-
-def _f(t: torch.Tensor) -> float:
-    return float(t.detach())
 
 
 def test_registered_with_the_authors_cifar_recipe_and_space():
@@ -158,24 +135,14 @@ def test_a_batch_of_one_has_a_flat_intra_relation_not_nan():
 
 
 def test_check_pair_serves_any_pair_with_logits():
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert DIST.check_pair(DIST.Params(), _pair(mlp, cnn)) is None
-    assert DIST.check_pair(DIST.Params(), _pair(cnn, mlp)) is None
+    assert_serves_any_pair_with_logits(DIST)
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8).eval().requires_grad_(False)
-
-    def make():
-        student = _model("cnn", 3, channels=4)
-        return DIST(student, teacher, DIST.Params(), _pair(student, teacher))
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, _ = two_epochs_and_resumed(functools.partial(digits_distiller, DIST), digits, tmp_path)
     assert full.status == "completed" and len(full.history) == 2
     assert all(set(e.losses) == {"loss_ce", "loss_inter", "loss_intra"} for e in full.history)
     assert all(math.isfinite(v) and v >= 0 for e in full.history for v in e.losses.values())
     assert all({"inter", "intra"} <= set(e.diagnostics) for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_resumed_exactly(full, resumed)
     assert resumed.test_acc == full.test_acc

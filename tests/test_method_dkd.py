@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from kdarena.methods import METHODS, PairInfo, StepInfo
+from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.dkd import DKD, dkd_terms, warmup_factor
-from kdarena.methods.recipe import Recipe
-from kdarena.zoo.models import StagedModel, StageOutput
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
-
-# fixed logits (3 samples, 4 classes) and labels
-ZS = [[1.0, 2.0, 0.5, -1.0], [0.0, -0.5, 1.5, 3.0], [2.0, 1.0, 0.0, -2.0]]
-ZT = [[0.5, 3.0, -1.0, 0.0], [1.0, 0.0, 0.5, 4.0], [3.0, -1.0, 1.0, 0.0]]
-Y = [1, 3, 0]
+from helpers import (Y, ZS, ZT, assert_resumed_exactly, assert_serves_any_pair_with_logits, digits_batch,
+                     digits_distiller, digits_teacher_student, f64 as _t, on_logit_halves, two_epochs_and_resumed)
 
 # mdistiller's dkd_loss (mdistiller/distillers/DKD.py @ a08d46f) on ZS, ZT, Y in float64, T = 4:
 # with (alpha, beta) = (1, 0) and (0, 1), i.e. T²·TCKD and T²·NCKD
@@ -25,14 +20,7 @@ REF_TCKD, REF_NCKD = 0.13163746986062685, 0.7308678695177661
 # sunshangquan/logit-standardization-KD's dkd_loss (DKD.py @ f6e5aa5), logit_stand=True, alpha 9, beta 72, T 2
 REF_STD_A9_B72_T2 = 20.614107149613226
 
-
-def _dkd(student, teacher, **params) -> DKD:
-    teacher.eval().requires_grad_(False)
-    return DKD(student, teacher, DKD.Params(**params), _pair(student, teacher))
-
-
-def _t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64)
+_dkd = functools.partial(digits_distiller, DKD)
 
 
 def _by_hand(zs, zt, y, T) -> tuple[float, float]:
@@ -124,10 +112,8 @@ def test_warmup_factor_is_linear_over_the_fraction_of_epochs():
 
 
 def test_forward_train_weights_ce_and_the_warmed_up_terms_and_standardises_on_request():
-    teacher = _model("cnn", 0, channels=8)
-    student = _model("cnn", 1, channels=4)
-    torch.manual_seed(1)
-    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    teacher, student = digits_teacher_student()
+    x, y = digits_batch()
     d = _dkd(student, teacher, ce_weight=0.5, alpha=2.0, beta=3.0, temperature=2.0)
     d.eval()
     logits, losses = d.forward_train(x, y, StepInfo(epoch=0, total_epochs=240, step=0, steps_per_epoch=1))
@@ -154,43 +140,22 @@ def test_forward_train_weights_ce_and_the_warmed_up_terms_and_standardises_on_re
     assert float(losses["loss_nckd"].detach()) == pytest.approx(8.0 * float(nckd), rel=1e-5)
 
 
-class _Halves(StagedModel):
-    """A stand-in network whose input is `[z_student | z_teacher]`: it outputs one half as its logits."""
-
-    def __init__(self, half: int):
-        super().__init__()
-        self.half = half
-
-    def forward_stages(self, x: torch.Tensor) -> StageOutput:
-        c = x.shape[1] // 2
-        return StageOutput(x[:, self.half * c:(self.half + 1) * c], [], [])
-
-
 def test_logit_std_matches_the_authors_dkd():
-    params = DKD.Params(alpha=9.0, beta=72.0, temperature=2.0, logit_std=True, ce_weight=0.0)
-    d = DKD(_Halves(0), _Halves(1), params, PairInfo([], [], 4, 1, 8))
+    d = on_logit_halves(DKD, alpha=9.0, beta=72.0, temperature=2.0, logit_std=True, ce_weight=0.0)
     _, losses = d.forward_train(torch.cat([_t(ZS), _t(ZT)], 1), torch.tensor(Y), None)
     assert float((losses["loss_tckd"] + losses["loss_nckd"]).detach()) == pytest.approx(REF_STD_A9_B72_T2, rel=1e-12)
 
 
 def test_check_pair_serves_any_pair_with_logits():
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert DKD.check_pair(DKD.Params(), _pair(cnn, mlp)) is None
-    assert DKD.check_pair(DKD.Params(), _pair(mlp, cnn)) is None
+    assert_serves_any_pair_with_logits(DKD)
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-
-    def make():
-        return _dkd(_model("cnn", 3, channels=4), teacher, warmup=1.0)  # W = 2 epochs: factors ½, 1
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    # W = 2 epochs: factors ½, 1
+    full, resumed, _ = two_epochs_and_resumed(lambda s, t: _dkd(s, t, warmup=1.0), digits, tmp_path)
     assert full.status == "completed" and len(full.history) == 2
     assert all(set(e.losses) == {"loss_ce", "loss_tckd", "loss_nckd"} for e in full.history)
     assert all(math.isfinite(v) for e in full.history for v in e.losses.values())
     assert [e.diagnostics["warmup_factor"] for e in full.history] == [0.5, 1.0]
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_resumed_exactly(full, resumed)
     assert resumed.test_acc == full.test_acc

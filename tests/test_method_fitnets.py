@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import copy
-import json
+import functools
 import math
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
-from typer.testing import CliRunner
-
-import kdarena.cli
 from kdarena.methods import METHODS, StepInfo
-from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.fitnets import FitNets, hint_stage_epochs
 from kdarena.methods.recipe import Recipe
-from helpers import CPU, digits_model as _model, digits_pair as _pair
+from helpers import (CPU, as_float as _f, cli_train_summary, digits_batch as _batch, digits_distiller,
+                     digits_model as _model, digits_pair as _pair, digits_teacher_student, fit_alone_and_distilled)
 
-
-def _fitnets(student, teacher, **params) -> FitNets:
-    teacher.eval().requires_grad_(False)
-    return FitNets(student, teacher, FitNets.Params(**params), _pair(student, teacher))
-
-
-def _f(t: torch.Tensor) -> float:
-    return float(t.detach())
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_fitnets = functools.partial(digits_distiller, FitNets)
 
 
 def test_registered_with_the_papers_defaults_and_space():
@@ -67,8 +52,7 @@ def test_hint_is_zero_when_an_identity_regressor_sees_the_teachers_own_features(
 
 
 def test_one_stage_loss_is_ce_kd_and_weighted_hint_with_gradients_to_student_and_regressor_only():
-    teacher = _model("cnn", 0, channels=16)
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=16)
     d = _fitnets(student, teacher, alpha=0.5, temperature=2.0, hint_weight=10.0)
     x, y = _batch()
     logits, losses = d.forward_train(x, y, None)
@@ -97,8 +81,7 @@ def test_one_stage_loss_is_ce_kd_and_weighted_hint_with_gradients_to_student_and
 
 
 def test_hint_stage_sends_no_gradient_past_the_guided_stage():
-    teacher = _model("cnn", 0, channels=16)
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=16)
     d = _fitnets(student, teacher, stages=2, hint_epochs=0.2, student_stage=0)
     x, y = _batch()
     _, losses = d.forward_train(x, y, StepInfo(epoch=1, total_epochs=10, step=5, steps_per_epoch=5))
@@ -117,8 +100,7 @@ def test_hint_stage_length_rounds_half_up():
 
 
 def test_two_stage_training_runs_hints_then_kd(digits):
-    teacher = _model("cnn", 0, channels=16)
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=16)
     d = _fitnets(student, teacher, stages=2, hint_epochs=0.5, alpha=0.9)  # round(0.5·3) = 2 epochs of hints
     classifier0 = student.classifier.weight.detach().clone()
     first0 = student.stages[0].convs[0].weight.detach().clone()
@@ -138,12 +120,7 @@ def test_two_stage_training_runs_hints_then_kd(digits):
 
 def test_hint_weight_zero_without_kd_is_the_student_trained_alone(digits):
     teacher = _model("cnn", 0, channels=16)
-    a, b = _model("cnn", 5, channels=4), _model("cnn", 5, channels=4)
-    recipe = Recipe(epochs=1, batch_size=128)
-    fit(Baseline(a, None, Baseline.Params(), _pair(a, a)), digits, recipe, device=CPU, evaluate_test=False)
-    fit(_fitnets(b, teacher, hint_weight=0.0, alpha=0.0), digits, recipe, device=CPU, evaluate_test=False)
-    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(pa, pb)
+    fit_alone_and_distilled(lambda student: _fitnets(student, teacher, hint_weight=0.0, alpha=0.0), digits, 128)
 
 
 @pytest.mark.parametrize("teacher_arch, teacher_options", [("mlp", {"hidden": [48, 48]}), ("cnn", {"channels": 8})])
@@ -181,11 +158,8 @@ def test_check_pair_names_a_stage_that_does_not_exist():
 
 
 def test_train_cli_two_stage_fitnets_records_stages_and_training_only_params(migrated_store, tmp_path):
-    result = CliRunner().invoke(kdarena.cli.app, [
-        "train", "--json", "--set", "method.name=fitnets", "--set", "method.params.stages=2",
-        "--set", "method.params.hint_epochs=0.5", "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    summary = cli_train_summary("method.name=fitnets", "method.params.stages=2", "method.params.hint_epochs=0.5",
+                                "teacher.recipe.epochs=2", "train.epochs=2")
     assert summary["status"] == "completed" and summary["method"] == "fitnets"
     assert summary["extra_params"] > 0
     assert summary["method_params"]["stages"] == 2

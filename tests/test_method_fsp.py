@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from typer.testing import CliRunner
 
 from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.engine import fit
 from kdarena.methods.fsp import FSP, fsp_matrix, stage_one_epochs
 from kdarena.methods.recipe import Recipe
-from kdarena.cli.app import app
-from kdarena.zoo.data import Split
 from kdarena.zoo.models import build_model
-from helpers import digits_cnn as _cnn, digits_pair as _pair
+from helpers import (assert_cli_refuses_an_mlp_student, cli_train_summary, digits_cnn as _cnn, digits_pair as _pair,
+                     with_small_train as _small)
 
 
 def _fsp(student, teacher, **params) -> FSP:
@@ -89,10 +85,6 @@ def test_first_stage_length_rounds_and_keeps_both_stages():
     assert stage_one_epochs(0.2, 1) == 0  # a one-epoch run has room for CE only
 
 
-def _small(digits, n: int = 256):
-    return dataclasses.replace(digits, train=Split(digits.train.images[:n], digits.train.labels[:n]))
-
-
 def test_two_stage_runs_fsp_alone_then_ce_alone(digits):
     teacher, student = _cnn(0, 16), _cnn(1, 8)
     fsp = _fsp(student, teacher, stages=2, init_epochs=0.5, fsp_weight=0.01)
@@ -122,15 +114,8 @@ def test_check_pair_refuses_mlp_and_wrong_pair_weights():
 
 
 def test_cli_trains_fsp_and_records_diagnostics(cache_env, tmp_path):
-    runner = CliRunner()
-    refused = runner.invoke(app, ["train", "--set", "method.name=fsp", "--set", "student.arch=mlp"])
-    assert refused.exit_code == 2
-    assert "'fsp'" in refused.stderr and "'mlp'" in refused.stderr and "spatial" in refused.stderr
-
-    result = runner.invoke(app, ["train", "--json", "--set", "method.name=fsp",
-                                 "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    assert_cli_refuses_an_mlp_student("fsp")
+    summary = cli_train_summary("method.name=fsp", "teacher.recipe.epochs=2", "train.epochs=2")
     assert summary["status"] == "completed" and summary["method"] == "fsp"
     assert summary["extra_params"] == 8 * 32 + 16 * 64 + 32 * 128  # default pair: 8/16/32 → 32/64/128 channels
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

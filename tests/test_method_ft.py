@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -10,22 +11,12 @@ import torch
 
 from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.ft import FT, ft_loss
-from kdarena.methods.recipe import Recipe
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_refuses_mlps_for_want_of_spatial_maps, assert_resumed_exactly, assert_same_state,
+                     digits_batch as _batch, digits_distiller, digits_model as _model, digits_teacher_student,
+                     sin_pattern, two_epochs_and_resumed)
 
-
-def _ft(student, teacher, **params) -> FT:
-    teacher.eval().requires_grad_(False)
-    return FT(student, teacher, FT.Params(**params), _pair(student, teacher))
-
-
-def _fixed(shape: tuple[int, ...], phase: float, scale: float = 2.0) -> torch.Tensor:
-    return scale * torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 0.7 + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_ft = functools.partial(digits_distiller, FT)
+_fixed = functools.partial(sin_pattern, scale=2.0)
 
 
 def _step(epoch: int, total: int = 8) -> StepInfo:
@@ -91,11 +82,7 @@ def test_gradcheck_in_float64():
 
 
 def test_check_pair_refuses_mlps():
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert FT.check_pair(FT.Params(), _pair(cnn, cnn)) is None
-    why = FT.check_pair(FT.Params(), _pair(mlp, cnn))
-    assert "student has none" in why and "spatial" in why
-    assert "teacher has none" in FT.check_pair(FT.Params(), _pair(cnn, mlp))
+    assert_refuses_mlps_for_want_of_spatial_maps(FT)
 
 
 def test_modules_follow_repdistillers_shapes():
@@ -114,7 +101,7 @@ def test_modules_follow_repdistillers_shapes():
 
 
 def test_pretraining_steps_the_paraphraser_and_leaves_the_student_untouched():
-    teacher, student = _model("cnn", 0, channels=8), _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _ft(student, teacher)
     assert d.classifier_free_epochs(8) == 1 and d.classifier_free_epochs(240) == 30
     x, y = _batch()
@@ -133,7 +120,7 @@ def test_pretraining_steps_the_paraphraser_and_leaves_the_student_untouched():
 
 
 def test_transfer_stage_trains_student_and_translator_not_the_paraphraser():
-    teacher, student = _model("cnn", 0, channels=8), _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _ft(student, teacher, ft_weight=50.0, alpha=0.5)
     x, y = _batch()
     para = copy.deepcopy(d.paraphraser.state_dict())
@@ -151,23 +138,13 @@ def test_transfer_stage_trains_student_and_translator_not_the_paraphraser():
 
 
 def test_two_epochs_on_digits_pretrain_then_transfer_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-    made = []
-
-    def make():
-        made.append(_ft(_model("cnn", 3, channels=4), teacher))
-        return made[-1]
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, made = two_epochs_and_resumed(_ft, digits, tmp_path)
     assert full.status == "completed"
     assert [set(e.losses) for e in full.history] == [{"loss_para"}, {"loss_ce", "loss_ft"}]
     assert [e.diagnostics["stage"] for e in full.history] == [1, 2]
     assert math.isfinite(full.history[1].losses["loss_ft"]) and full.history[1].losses["loss_ft"] > 0
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
-    for a, b in zip(made[0].state_dict().values(), made[-1].state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resumed_exactly(full, resumed)
+    assert_same_state(made[0], made[-1])
     # the paraphraser's momentum came back with the checkpoint
     sa, sb = made[0].para_optimizer.state_dict()["state"], made[-1].para_optimizer.state_dict()["state"]
     assert sa.keys() == sb.keys() and len(sa) > 0

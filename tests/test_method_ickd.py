@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,22 +10,11 @@ import torch
 
 from kdarena.methods import METHODS
 from kdarena.methods.ickd import ICKD, ickd_loss
-from kdarena.methods.recipe import Recipe
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_gradcheck_and_precision, assert_refuses_mlps_for_want_of_spatial_maps,
+                     assert_two_epochs_resume_exactly, digits_batch as _batch, digits_distiller, digits_teacher_student,
+                     sin_pattern as _fixed)
 
-
-def _ickd(student, teacher, **params) -> ICKD:
-    teacher.eval().requires_grad_(False)
-    return ICKD(student, teacher, ICKD.Params(**params), _pair(student, teacher))
-
-
-def _fixed(shape: tuple[int, ...], phase: float, freq: float = 0.7) -> torch.Tensor:
-    return torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * freq + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_ickd = functools.partial(digits_distiller, ICKD)
 
 
 def _by_hand(fs: torch.Tensor, ft: torch.Tensor) -> float:
@@ -94,14 +84,11 @@ def test_loss_is_zero_for_the_same_correlations_whatever_the_scale_or_resolution
 def test_gradcheck_in_float64():
     s = _fixed((2, 3, 4, 4), 0.1).requires_grad_()
     t = _fixed((2, 3, 2, 2), 1.3)
-    assert torch.autograd.gradcheck(lambda x: ickd_loss([x], [t]), (s,))
-    assert ickd_loss([s], [t]).dtype == torch.float64
-    assert ickd_loss([s.detach().bfloat16()], [t.bfloat16()]).dtype == torch.float32
+    assert_gradcheck_and_precision(lambda a, b: ickd_loss([a], [b]), s, t)
 
 
 def test_the_last_spatial_stage_by_default_every_pair_with_all_and_the_weights():
-    teacher = _model("cnn", 0, channels=16, num_stages=4)  # 4 stages against the student's 3
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=16, num_stages=4)  # 4 stages against the student's 3
     d = _ickd(student, teacher, ickd_weight=7.0)
     assert d.pairs == [(2, 3)] and len(d.embeds) == 1
     assert d.embeds[0][0].in_channels == d.pair.student_stages[2].channels
@@ -129,23 +116,8 @@ def test_the_last_spatial_stage_by_default_every_pair_with_all_and_the_weights()
 
 
 def test_check_pair_refuses_pairs_without_spatial_maps():
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert ICKD.check_pair(ICKD.Params(), _pair(cnn, cnn)) is None
-    why = ICKD.check_pair(ICKD.Params(), _pair(mlp, cnn))
-    assert "ickd" in why and "student has none" in why and "spatial" in why and "MLP" in why
-    assert "teacher has none" in ICKD.check_pair(ICKD.Params(), _pair(cnn, mlp))
+    assert_refuses_mlps_for_want_of_spatial_maps(ICKD, "ickd", "MLP")
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-
-    def make():
-        return _ickd(_model("cnn", 3, channels=4), teacher)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
-    assert full.status == "completed" and len(full.history) == 2
-    assert all({"loss_ce", "loss_ickd"} == set(e.losses) for e in full.history)
-    assert all(math.isfinite(e.losses["loss_ickd"]) and e.losses["loss_ickd"] > 0 for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_two_epochs_resume_exactly(_ickd, digits, tmp_path, "loss_ickd")

@@ -8,16 +8,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kdarena.methods import METHODS, PairInfo
+from kdarena.methods import METHODS
 from kdarena.methods.kd import KD, kd_loss, standardize
-from kdarena.methods.recipe import Recipe
 from kdarena.methods.space import Choice
-from kdarena.zoo.models import StagedModel, StageOutput
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
-
-ZS = [[1.0, 2.0, 0.5, -1.0], [0.0, -0.5, 1.5, 3.0], [2.0, 1.0, 0.0, -2.0]]
-ZT = [[0.5, 3.0, -1.0, 0.0], [1.0, 0.0, 0.5, 4.0], [3.0, -1.0, 1.0, 0.0]]
-Y = [1, 3, 0]
+from helpers import (Y, ZS, ZT, assert_resumed_exactly, digits_distiller, digits_model as _model, digits_pair as _pair,
+                     f64 as _t, kd_by_hand as _kd_by_hand, on_logit_halves, two_epochs_and_resumed)
 
 # the authors' kd_loss(..., logit_stand=True) (sunshangquan/logit-standardization-KD
 # mdistiller/distillers/KD.py @ f6e5aa5) on ZS, ZT in float64, at T = 2 and T = 4
@@ -27,40 +22,14 @@ REF_AUTHORS_T2, REF_AUTHORS_T4 = 0.1783807762447446, 0.21149944424131709
 REF_TORCHDISTILL_ALPHA0_T2 = 0.04459519406118615
 
 
-def _t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64)
-
-
 def _z_by_hand(row: list[float]) -> list[float]:
     m = sum(row) / len(row)
     sd = math.sqrt(sum((v - m) ** 2 for v in row) / (len(row) - 1))
     return [(v - m) / (1e-7 + sd) for v in row]
 
 
-def _kd_by_hand(zs, zt, T) -> float:
-    total = 0.0
-    for s_row, t_row in zip(zs, zt):
-        es = [math.exp(v / T) for v in s_row]
-        et = [math.exp(v / T) for v in t_row]
-        ps, pt = [v / sum(es) for v in es], [v / sum(et) for v in et]
-        total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
-    return T * T * total / len(zs)
-
-
-class _Halves(StagedModel):
-    """A stand-in network whose input is `[z_student | z_teacher]`: it outputs one half as its logits."""
-
-    def __init__(self, half: int):
-        super().__init__()
-        self.half = half
-
-    def forward_stages(self, x: torch.Tensor) -> StageOutput:
-        c = x.shape[1] // 2
-        return StageOutput(x[:, self.half * c:(self.half + 1) * c], [], [])
-
-
 def _on_fixed(**params) -> dict[str, torch.Tensor]:
-    d = KD(_Halves(0), _Halves(1), KD.Params(**params), PairInfo([], [], 4, 1, 8))
+    d = on_logit_halves(KD, **params)
     return d.forward_train(torch.cat([_t(ZS), _t(ZT)], 1), torch.tensor(Y), None)[1]
 
 
@@ -129,15 +98,9 @@ def test_check_pair_still_serves_any_pair():
 
 
 def test_two_epochs_with_logit_std_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8).eval().requires_grad_(False)
-
-    def make():
-        student = _model("cnn", 3, channels=4)
-        return KD(student, teacher, KD.Params(logit_std=True, temperature=2.0), _pair(student, teacher))
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, _ = two_epochs_and_resumed(lambda s, t: digits_distiller(KD, s, t, logit_std=True, temperature=2.0),
+                                              digits, tmp_path)
     assert full.status == "completed" and len(full.history) == 2
     assert all(set(e.losses) == {"loss_ce", "loss_kd"} and math.isfinite(e.losses["loss_kd"]) for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
+    assert_resumed_exactly(full, resumed, ("val_acc", "losses"))
     assert resumed.test_acc == full.test_acc

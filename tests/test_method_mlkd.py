@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,10 +10,9 @@ import torch
 
 from kdarena.methods import METHODS, PairInfo, StepInfo
 from kdarena.methods.mlkd import MLKD, kept_fractions, mlkd_losses
-from kdarena.methods.recipe import Recipe
 from kdarena.zoo.augment import Strong
-from kdarena.zoo.models import StagedModel, StageOutput
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (as_float as _f, assert_resumed_exactly, digits_distiller, digits_model as _model,
+                     digits_pair as _pair, on_logit_halves, sin_pattern as _fixed, two_epochs_and_resumed)
 
 B, C = 5, 6
 Y = [0, 3, 5, 1, 3]
@@ -26,36 +26,17 @@ REF_LS = {"loss_ce": 0.4230058501857412, "loss_kd": 37.09281285676737, "loss_cc"
           "loss_bc": 0.25742621637983876}
 
 
-def _fixed(b: int, c: int, phase: float, scale: float) -> torch.Tensor:
-    return torch.sin(torch.arange(b * c, dtype=torch.float64).reshape(b, c) * 0.7 + phase) * scale
-
-
 def _views():
     """(student weak, teacher weak, student strong, teacher strong) logits."""
-    return _fixed(B, C, 0.0, 3.0), _fixed(B, C, 1.0, 4.0), _fixed(B, C, 2.0, 3.0), _fixed(B, C, 0.5, 2.5)
-
-
-class _Halves(StagedModel):
-    """A stand-in network whose input is `[z_student | z_teacher]`: it outputs one half as its logits."""
-
-    def __init__(self, half: int):
-        super().__init__()
-        self.half = half
-
-    def forward_stages(self, x: torch.Tensor) -> StageOutput:
-        c = x.shape[1] // 2
-        return StageOutput(x[:, self.half * c:(self.half + 1) * c], [], [])
+    return (_fixed((B, C), 0.0, scale=3.0), _fixed((B, C), 1.0, scale=4.0), _fixed((B, C), 2.0, scale=3.0),
+            _fixed((B, C), 0.5, scale=2.5))
 
 
 def _on_fixed(views=None, **params) -> dict[str, torch.Tensor]:
     s_w, t_w, s_s, t_s = views or _views()
-    d = MLKD(_Halves(0), _Halves(1), MLKD.Params(**params), PairInfo([], [], C, 1, 8))
+    d = on_logit_halves(MLKD, C, **params)
     step = StepInfo(0, 1, 0, 1, strong_images=torch.cat([s_s, t_s], 1))
     return d.forward_train(torch.cat([s_w, t_w], 1), torch.tensor(Y), step)[1]
-
-
-def _f(t: torch.Tensor) -> float:
-    return float(t.detach())
 
 
 # -- the paper's quantities, written out with loops --------------------------------------------------------------
@@ -193,7 +174,7 @@ def test_losses_have_correct_float64_gradients():
 
 def test_without_the_strong_view_forward_train_says_what_is_missing():
     s_w, t_w, _, _ = _views()
-    d = MLKD(_Halves(0), _Halves(1), MLKD.Params(), PairInfo([], [], C, 1, 8))
+    d = on_logit_halves(MLKD, C)
     with pytest.raises(ValueError, match="strong view"):
         d.forward_train(torch.cat([s_w, t_w], 1), torch.tensor(Y), None)
 
@@ -206,18 +187,10 @@ def test_check_pair_needs_two_classes():
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8).eval().requires_grad_(False)
-
-    def make():
-        student = _model("cnn", 3, channels=4)
-        return MLKD(student, teacher, MLKD.Params(), _pair(student, teacher))
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, _ = two_epochs_and_resumed(functools.partial(digits_distiller, MLKD), digits, tmp_path)
     assert full.status == "completed" and len(full.history) == 2
     assert all(set(e.losses) == {"loss_ce", "loss_kd", "loss_cc", "loss_bc"} for e in full.history)
     assert all(math.isfinite(v) and v > 0 for e in full.history for v in e.losses.values())
     assert all(0.4 <= e.diagnostics["sample_kept"] <= 0.6 for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_resumed_exactly(full, resumed)
     assert resumed.test_acc == full.test_acc

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 import torch
@@ -10,22 +10,11 @@ from torch.nn import functional as F
 
 from kdarena.methods import METHODS
 from kdarena.methods.nst import NST, nst_loss
-from kdarena.methods.recipe import Recipe
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_backward_reaches_the_student_alone, assert_gradcheck_and_precision,
+                     assert_refuses_mlps_for_want_of_spatial_maps, assert_two_epochs_resume_exactly,
+                     digits_batch as _batch, digits_distiller, digits_teacher_student, sin_pattern as _fixed)
 
-
-def _nst(student, teacher, **params) -> NST:
-    teacher.eval().requires_grad_(False)
-    return NST(student, teacher, NST.Params(**params), _pair(student, teacher))
-
-
-def _fixed(shape: tuple[int, ...], phase: float, freq: float = 0.7) -> torch.Tensor:
-    return torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * freq + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_nst = functools.partial(digits_distiller, NST)
 
 
 def _by_hand(fs: torch.Tensor, ft: torch.Tensor) -> float:
@@ -77,14 +66,11 @@ def test_mmd_is_zero_for_the_same_selectivities_whatever_their_scale_or_channel_
 def test_gradcheck_in_float64():
     s = _fixed((2, 3, 4, 4), 0.1).requires_grad_()
     t = _fixed((2, 2, 2, 2), 1.3)
-    assert torch.autograd.gradcheck(lambda x: nst_loss([x], [t]), (s,))
-    assert nst_loss([s], [t]).dtype == torch.float64
-    assert nst_loss([s.detach().bfloat16()], [t.bfloat16()]).dtype == torch.float32
+    assert_gradcheck_and_precision(lambda a, b: nst_loss([a], [b]), s, t)
 
 
 def test_every_spatial_stage_pair_is_distilled_with_the_weight():
-    teacher = _model("cnn", 0, channels=16, num_stages=4)  # 4 stages against the student's 3
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=16, num_stages=4)  # 4 stages against the student's 3
     d = _nst(student, teacher, nst_weight=7.0)
     assert len(d.pairs) == 3 and d.pairs[0] == (0, 0) and d.pairs[-1] == (2, 3)
     x, y = _batch()
@@ -102,30 +88,12 @@ def test_every_spatial_stage_pair_is_distilled_with_the_weight():
         hand += _by_hand(a, b)
     assert float(losses["loss_nst"].detach()) == pytest.approx(7.0 * hand, rel=1e-4)
     assert d.pop_diagnostics()["nst_loss"] == pytest.approx(hand, rel=1e-4)
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert student.stages[0].convs[0].weight.grad.abs().sum() > 0
-    assert d.extra_params() == 0
+    assert_backward_reaches_the_student_alone(d, losses)
 
 
 def test_check_pair_refuses_pairs_without_spatial_maps():
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert NST.check_pair(NST.Params(), _pair(cnn, cnn)) is None
-    why = NST.check_pair(NST.Params(), _pair(mlp, cnn))
-    assert "student has none" in why and "spatial" in why and "MLP" in why
-    assert "teacher has none" in NST.check_pair(NST.Params(), _pair(cnn, mlp))
+    assert_refuses_mlps_for_want_of_spatial_maps(NST, "MLP")
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-
-    def make():
-        return _nst(_model("cnn", 3, channels=4), teacher)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
-    assert full.status == "completed" and len(full.history) == 2
-    assert all({"loss_ce", "loss_nst"} == set(e.losses) for e in full.history)
-    assert all(math.isfinite(e.losses["loss_nst"]) and e.losses["loss_nst"] > 0 for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_two_epochs_resume_exactly(_nst, digits, tmp_path, "loss_nst")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,22 +10,12 @@ import torch
 
 from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.ofd import OFD, gaussian_margin, ofd_loss, partial_l2
-from kdarena.methods.recipe import Recipe
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_refuses_mlps_for_want_of_spatial_maps, assert_resumed_exactly, assert_same_state,
+                     digits_batch as _batch, digits_distiller, digits_model as _model, digits_teacher_student,
+                     sin_pattern, two_epochs_and_resumed)
 
-
-def _ofd(student, teacher, **params) -> OFD:
-    teacher.eval().requires_grad_(False)
-    return OFD(student, teacher, OFD.Params(**params), _pair(student, teacher))
-
-
-def _fixed(shape: tuple[int, ...], phase: float, scale: float = 2.0) -> torch.Tensor:
-    return scale * torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 0.7 + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_ofd = functools.partial(digits_distiller, OFD)
+_fixed = functools.partial(sin_pattern, scale=2.0)
 
 
 # a teacher BN's |γ| (the std) and β (the mean) per channel, and the margins mdistiller computes from them:
@@ -110,7 +101,7 @@ def test_gradcheck_in_float64():
 
 def test_estimated_margins_equal_the_bn_formula_on_a_bn_output():
     """A batch-normalised map has per-channel mean β and std |γ| exactly: the estimate gives mdistiller's margin."""
-    teacher, student = _model("cnn", 0, channels=5), _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=5)
     d = _ofd(student, teacher)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 5, 8, 8, generator=gen, dtype=torch.float64) * 3 + 1
@@ -124,17 +115,13 @@ def test_estimated_margins_equal_the_bn_formula_on_a_bn_output():
 
 
 def test_check_pair_refuses_mlps_and_stages_align_from_the_deepest():
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert OFD.check_pair(OFD.Params(), _pair(cnn, cnn)) is None
-    why = OFD.check_pair(OFD.Params(), _pair(mlp, cnn))
-    assert "student has none" in why and "spatial" in why
-    assert "teacher has none" in OFD.check_pair(OFD.Params(), _pair(cnn, mlp))
-    d = _ofd(cnn, _model("cnn", 1, channels=8, num_stages=4))
+    assert_refuses_mlps_for_want_of_spatial_maps(OFD)
+    d = _ofd(_model("cnn", 0, channels=4), _model("cnn", 1, channels=8, num_stages=4))
     assert d.pairs == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_statistics_gather_in_the_first_epoch_only_and_gradients_reach_student_and_connectors():
-    teacher, student = _model("cnn", 0, channels=8), _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _ofd(student, teacher, connector_kernel=3, feat_weight=0.01)
     conv, bn = d.connectors[0]
     assert conv.kernel_size == (3, 3) and conv.bias is None
@@ -158,21 +145,11 @@ def test_statistics_gather_in_the_first_epoch_only_and_gradients_reach_student_a
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-    made = []
-
-    def make():
-        made.append(_ofd(_model("cnn", 3, channels=4), teacher))
-        return made[-1]
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, made = two_epochs_and_resumed(_ofd, digits, tmp_path)
     assert full.status == "completed"
     assert all(set(e.losses) == {"loss_ce", "loss_ofd"} for e in full.history)
     assert all(math.isfinite(e.losses["loss_ofd"]) and e.losses["loss_ofd"] > 0 for e in full.history)
     assert full.history[1].diagnostics["margin"] < 0
     assert float(made[0].count_0) == len(digits.train) * 8 * 8  # every image of the first epoch, once
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
-    for a, b in zip(made[0].state_dict().values(), made[-1].state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resumed_exactly(full, resumed)
+    assert_same_state(made[0], made[-1])

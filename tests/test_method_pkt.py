@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -10,22 +11,12 @@ from torch.nn import functional as F
 
 from kdarena.methods import METHODS
 from kdarena.methods.pkt import PKT, pkt_loss
-from kdarena.methods.recipe import Recipe
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (MLP_PAIRS, assert_backward_reaches_the_student_alone, assert_gradcheck_and_precision,
+                     assert_one_step_trains_the_student, assert_two_epochs_resume_exactly, digits_batch as _batch,
+                     digits_distiller, digits_mlp_or_cnn, digits_pair as _pair, digits_teacher_student,
+                     sin_pattern as _fixed)
 
-
-def _pkt(student, teacher, **params) -> PKT:
-    teacher.eval().requires_grad_(False)
-    return PKT(student, teacher, PKT.Params(**params), _pair(student, teacher))
-
-
-def _fixed(b: int, d: int, phase: float) -> torch.Tensor:
-    return torch.sin(torch.arange(b * d, dtype=torch.float64).reshape(b, d) * 0.7 + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_pkt = functools.partial(digits_distiller, PKT)
 
 
 def _probabilities(e: torch.Tensor, eps: float = 1e-7) -> list[list[float]]:
@@ -51,16 +42,16 @@ def test_registered_with_the_reference_defaults_and_space():
 
 
 def test_loss_equals_the_papers_kl_and_the_reference_code():
-    s, t = _fixed(5, 3, 0.0), _fixed(5, 4, 1.0)
+    s, t = _fixed((5, 3), 0.0), _fixed((5, 4), 1.0)
     assert float(pkt_loss(s, t)) == pytest.approx(_by_hand(s, t), rel=1e-10)
     # RepDistiller distiller_zoo/PKT.py @ b84f547, PKT()(s, t) on these float64 tensors, run in a scratch folder
     assert float(pkt_loss(s, t)) == pytest.approx(0.10257682300089398, rel=1e-12)
-    s, t = _fixed(7, 6, 0.2), _fixed(7, 9, 2.0)
+    s, t = _fixed((7, 6), 0.2), _fixed((7, 9), 2.0)
     assert float(pkt_loss(s, t)) == pytest.approx(0.0330960751171689, rel=1e-12)
 
 
 def test_the_kl_is_a_mean_over_b_squared_entries_batchmean_divided_by_b():
-    s, t = _fixed(8, 5, 0.4), _fixed(8, 3, 1.7)
+    s, t = _fixed((8, 5), 0.4), _fixed((8, 3), 1.7)
     b = len(s)
     ps, pt = torch.tensor(_probabilities(s)), torch.tensor(_probabilities(t))
     batchmean = F.kl_div(ps.log(), pt, reduction="batchmean")  # Σ_ij / B: each row's KL, averaged over rows
@@ -68,32 +59,27 @@ def test_the_kl_is_a_mean_over_b_squared_entries_batchmean_divided_by_b():
 
 
 def test_identical_geometry_gives_zero_and_a_rotation_or_scale_changes_nothing():
-    t = _fixed(6, 4, 0.9)
-    q, _ = torch.linalg.qr(_fixed(4, 4, 3.0))
+    t = _fixed((6, 4), 0.9)
+    q, _ = torch.linalg.qr(_fixed((4, 4), 3.0))
     assert float(pkt_loss(3.0 * t @ q, t)) == pytest.approx(0.0, abs=1e-12)
-    assert float(pkt_loss(_fixed(6, 4, 0.1), t)) > 1e-4
+    assert float(pkt_loss(_fixed((6, 4), 0.1), t)) > 1e-4
 
 
 def test_gradcheck_in_float64():
-    s = _fixed(4, 3, 0.1).requires_grad_()
-    t = _fixed(4, 2, 1.3)
-    assert torch.autograd.gradcheck(lambda x: pkt_loss(x, t), (s,))
-    assert pkt_loss(s, t).dtype == torch.float64
-    assert pkt_loss(s.detach().bfloat16(), t.bfloat16()).dtype == torch.float32
+    assert_gradcheck_and_precision(pkt_loss, _fixed((4, 3), 0.1).requires_grad_(), _fixed((4, 2), 1.3))
 
 
 def test_a_zero_embedding_has_a_finite_loss_and_gradient():
-    s = _fixed(4, 3, 0.1)
+    s = _fixed((4, 3), 0.1)
     s[2] = 0.0
     s.requires_grad_()
-    loss = pkt_loss(s, _fixed(4, 5, 1.0))
+    loss = pkt_loss(s, _fixed((4, 5), 1.0))
     loss.backward()
     assert math.isfinite(float(loss.detach())) and torch.isfinite(s.grad).all()
 
 
 def test_forward_uses_the_pooled_last_stage_and_the_weight():
-    teacher = _model("cnn", 0, channels=8)
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _pkt(student, teacher, pkt_weight=100.0)
     x, y = _batch()
     logits, losses = d.forward_train(x, y, None)
@@ -104,35 +90,15 @@ def test_forward_uses_the_pooled_last_stage_and_the_weight():
     hand = _by_hand(s_emb.double(), t_emb.double())
     assert float(losses["loss_pkt"].detach()) == pytest.approx(100.0 * hand, rel=1e-4)
     assert d.pop_diagnostics()["pkt_loss"] == pytest.approx(hand, rel=1e-4)
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert student.stages[0].convs[0].weight.grad.abs().sum() > 0
-    assert d.extra_params() == 0
+    assert_backward_reaches_the_student_alone(d, losses)
 
 
-@pytest.mark.parametrize("student_arch, teacher_arch", [("mlp", "cnn"), ("mlp", "mlp"), ("cnn", "mlp")])
+@pytest.mark.parametrize("student_arch, teacher_arch", MLP_PAIRS)
 def test_check_pair_serves_mlps_on_their_last_hidden_layer(student_arch, teacher_arch):
-    options = {"mlp": {"hidden": [16, 12]}, "cnn": {"channels": 4}}
-    student, teacher = _model(student_arch, 0, **options[student_arch]), _model(teacher_arch, 1, **options[teacher_arch])
+    student, teacher = digits_mlp_or_cnn(student_arch, teacher_arch)
     assert PKT.check_pair(PKT.Params(), _pair(student, teacher)) is None
-    d = _pkt(student, teacher)
-    x, y = _batch()
-    _, losses = d.forward_train(x, y, None)
-    assert math.isfinite(float(losses["loss_pkt"].detach())) and float(losses["loss_pkt"].detach()) > 0
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in student.parameters())
+    assert_one_step_trains_the_student(_pkt(student, teacher), "loss_pkt")
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-
-    def make():
-        return _pkt(_model("cnn", 3, channels=4), teacher)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
-    assert full.status == "completed" and len(full.history) == 2
-    assert all({"loss_ce", "loss_pkt"} == set(e.losses) for e in full.history)
-    assert all(math.isfinite(e.losses["loss_pkt"]) and e.losses["loss_pkt"] > 0 for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_two_epochs_resume_exactly(_pkt, digits, tmp_path, "loss_pkt")

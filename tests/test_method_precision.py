@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdarena.methods import METHODS
-from helpers import digits_model, digits_pair
+from helpers import digits_distiller, digits_model
 
 
 def _maps(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
@@ -18,9 +18,7 @@ def _maps(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
 def _losses(name: str):
     """The method's distillation-term function over two lists of stage maps."""
     student, teacher = digits_model("cnn", 0, channels=4), digits_model("cnn", 1, channels=4)
-    teacher.eval().requires_grad_(False)
-    method = METHODS[name]
-    distiller = method(student, teacher, method.Params(), digits_pair(student, teacher))
+    distiller = digits_distiller(METHODS[name], student, teacher)
     if name == "at":
         from kdarena.methods.at import at_loss
         return lambda s, t: at_loss(s, t, 2)

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 from kdarena.methods import METHODS, PairInfo, StepInfo
-from kdarena.methods.recipe import Recipe
 from kdarena.methods.reviewkd import ReviewKD, hcl, hcl_loss
 from kdarena.zoo.models import StageShape
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_refuses_mlps_for_want_of_spatial_maps, assert_resumed_exactly, assert_same_state,
+                     digits_batch as _batch, digits_distiller, digits_model as _model, digits_teacher_student,
+                     sin_pattern, two_epochs_and_resumed)
 
-
-def _reviewkd(student, teacher, **params) -> ReviewKD:
-    teacher.eval().requires_grad_(False)
-    return ReviewKD(student, teacher, ReviewKD.Params(**params), _pair(student, teacher))
-
-
-def _fixed(shape: tuple[int, ...], phase: float, scale: float = 2.0) -> torch.Tensor:
-    return scale * torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 0.7 + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_reviewkd = functools.partial(digits_distiller, ReviewKD)
+_fixed = functools.partial(sin_pattern, scale=2.0)
 
 
 def _bin_pool(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -108,7 +99,7 @@ def test_review_path_matches_mdistiller_with_the_same_weights():
 
 
 def test_warm_up_ramps_the_weight_as_mdistiller():
-    teacher, student = _model("cnn", 0, channels=8), _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _reviewkd(student, teacher, reviewkd_weight=2.0, warmup=0.25)  # 2 of 8 epochs
     x, y = _batch()
     factors = []
@@ -124,7 +115,7 @@ def test_warm_up_ramps_the_weight_as_mdistiller():
 
 
 def test_gradients_reach_the_student_and_every_abf_and_check_pair_refuses_mlps():
-    teacher, student = _model("cnn", 0, channels=8), _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _reviewkd(student, teacher)
     x, y = _batch()
     _, losses = d.forward_train(x, y, StepInfo(epoch=5, total_epochs=8, step=5, steps_per_epoch=1))
@@ -134,28 +125,14 @@ def test_gradients_reach_the_student_and_every_abf_and_check_pair_refuses_mlps()
     assert all(p.grad is not None for p in d.abfs.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert d.extra_params() == sum(p.numel() for p in d.abfs.parameters())
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert ReviewKD.check_pair(ReviewKD.Params(), _pair(cnn, cnn)) is None
-    why = ReviewKD.check_pair(ReviewKD.Params(), _pair(mlp, cnn))
-    assert "student has none" in why and "spatial" in why
-    assert "teacher has none" in ReviewKD.check_pair(ReviewKD.Params(), _pair(cnn, mlp))
+    assert_refuses_mlps_for_want_of_spatial_maps(ReviewKD)
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-    made = []
-
-    def make():
-        made.append(_reviewkd(_model("cnn", 3, channels=4), teacher, warmup=0.75))
-        return made[-1]
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, made = two_epochs_and_resumed(lambda s, t: _reviewkd(s, t, warmup=0.75), digits, tmp_path)
     assert full.status == "completed"
     assert all(set(e.losses) == {"loss_ce", "loss_reviewkd"} for e in full.history)
     assert [e.diagnostics["warmup"] for e in full.history] == [pytest.approx(1 / 1.5), 1.0]
     assert all(math.isfinite(e.losses["loss_reviewkd"]) and e.losses["loss_reviewkd"] > 0 for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
-    for a, b in zip(made[0].state_dict().values(), made[-1].state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resumed_exactly(full, resumed)
+    assert_same_state(made[0], made[-1])

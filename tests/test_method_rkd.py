@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -10,23 +11,13 @@ import torch
 from torch.nn import functional as F
 
 from kdarena.methods import METHODS
-from kdarena.methods.recipe import Recipe
 from kdarena.methods.rkd import RKD, rkd_losses
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (MLP_PAIRS, assert_backward_reaches_the_student_alone, assert_gradcheck_and_precision,
+                     assert_one_step_trains_the_student, assert_two_epochs_resume_exactly, digits_batch as _batch,
+                     digits_distiller, digits_mlp_or_cnn, digits_pair as _pair, digits_teacher_student,
+                     sin_pattern as _fixed)
 
-
-def _rkd(student, teacher, **params) -> RKD:
-    teacher.eval().requires_grad_(False)
-    return RKD(student, teacher, RKD.Params(**params), _pair(student, teacher))
-
-
-def _fixed(b: int, d: int, phase: float) -> torch.Tensor:
-    return torch.sin(torch.arange(b * d, dtype=torch.float64).reshape(b, d) * 0.7 + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_rkd = functools.partial(digits_distiller, RKD)
 
 
 def _smooth_l1(x: float) -> float:
@@ -72,7 +63,7 @@ def test_registered_with_the_reference_defaults_and_space():
 
 
 def test_losses_equal_the_papers_potentials_and_the_reference_code():
-    s, t = _fixed(5, 3, 0.0), _fixed(5, 4, 1.0)  # different widths: only relations are compared
+    s, t = _fixed((5, 3), 0.0), _fixed((5, 4), 1.0)  # different widths: only relations are compared
     loss_d, loss_a = rkd_losses(s, t)
     hand_d, hand_a = _by_hand(s, t)
     assert float(loss_d) == pytest.approx(hand_d, rel=1e-10)
@@ -85,7 +76,7 @@ def test_losses_equal_the_papers_potentials_and_the_reference_code():
 
 
 def test_means_include_the_degenerate_pairs_and_triplets():
-    s, t = _fixed(6, 3, 0.3), _fixed(6, 5, 2.0)
+    s, t = _fixed((6, 3), 0.3), _fixed((6, 5), 2.0)
     b = len(s)
     loss_d, loss_a = rkd_losses(s, t)
     distinct_d, distinct_a = _by_hand(s, t, distinct=True)
@@ -95,24 +86,21 @@ def test_means_include_the_degenerate_pairs_and_triplets():
 
 
 def test_gradcheck_in_float64():
-    s = _fixed(4, 3, 0.1).requires_grad_()
-    t = _fixed(4, 2, 1.3)
-    assert torch.autograd.gradcheck(lambda x: rkd_losses(x, t)[0], (s,))
+    s = _fixed((4, 3), 0.1).requires_grad_()
+    t = _fixed((4, 2), 1.3)
+    assert_gradcheck_and_precision(lambda a, b: rkd_losses(a, b)[0], s, t)
     assert torch.autograd.gradcheck(lambda x: rkd_losses(x, t)[1], (s,))
-    assert rkd_losses(s, t)[0].dtype == torch.float64
-    assert rkd_losses(s.detach().bfloat16(), t.bfloat16())[0].dtype == torch.float32
 
 
 def test_a_batch_of_one_or_of_equal_embeddings_gives_zero_not_nan():
-    one = rkd_losses(_fixed(1, 3, 0.0), _fixed(1, 4, 1.0))
-    same = rkd_losses(torch.ones(4, 3), _fixed(4, 4, 1.0))
+    one = rkd_losses(_fixed((1, 3), 0.0), _fixed((1, 4), 1.0))
+    same = rkd_losses(torch.ones(4, 3), _fixed((4, 4), 1.0))
     assert [float(v) for v in one] == [0.0, 0.0]
     assert all(math.isfinite(float(v)) for v in same)
 
 
 def test_forward_uses_the_pooled_last_stage_and_weights_both_terms():
-    teacher = _model("cnn", 0, channels=8)
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student()
     d = _rkd(student, teacher, rkd_weight=2.0, distance_weight=3.0, angle_weight=5.0)
     x, y = _batch()
     logits, losses = d.forward_train(x, y, None)
@@ -125,35 +113,15 @@ def test_forward_uses_the_pooled_last_stage_and_weights_both_terms():
     diag = d.pop_diagnostics()
     assert diag["rkd_distance"] == pytest.approx(hand_d, rel=1e-4)
     assert float(losses["loss_ce"].detach()) == pytest.approx(float(F.cross_entropy(logits.detach(), y)), rel=1e-6)
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert student.stages[0].convs[0].weight.grad.abs().sum() > 0
-    assert d.extra_params() == 0
+    assert_backward_reaches_the_student_alone(d, losses)
 
 
-@pytest.mark.parametrize("student_arch, teacher_arch", [("mlp", "cnn"), ("mlp", "mlp"), ("cnn", "mlp")])
+@pytest.mark.parametrize("student_arch, teacher_arch", MLP_PAIRS)
 def test_check_pair_serves_mlps_on_their_last_hidden_layer(student_arch, teacher_arch):
-    options = {"mlp": {"hidden": [16, 12]}, "cnn": {"channels": 4}}
-    student, teacher = _model(student_arch, 0, **options[student_arch]), _model(teacher_arch, 1, **options[teacher_arch])
+    student, teacher = digits_mlp_or_cnn(student_arch, teacher_arch)
     assert RKD.check_pair(RKD.Params(), _pair(student, teacher)) is None
-    d = _rkd(student, teacher)
-    x, y = _batch()
-    _, losses = d.forward_train(x, y, None)
-    assert math.isfinite(float(losses["loss_rkd"].detach())) and float(losses["loss_rkd"].detach()) > 0
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in student.parameters())
+    assert_one_step_trains_the_student(_rkd(student, teacher), "loss_rkd")
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-
-    def make():
-        return _rkd(_model("cnn", 3, channels=4), teacher)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
-    assert full.status == "completed" and len(full.history) == 2
-    assert all({"loss_ce", "loss_rkd"} == set(e.losses) for e in full.history)
-    assert all(math.isfinite(e.losses["loss_rkd"]) and e.losses["loss_rkd"] > 0 for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_two_epochs_resume_exactly(_rkd, digits, tmp_path, "loss_rkd")

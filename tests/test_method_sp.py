@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,23 +10,13 @@ import torch
 from torch.nn import functional as F
 
 from kdarena.methods import METHODS
-from kdarena.methods.recipe import Recipe
 from kdarena.methods.sp import SP, sp_loss
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (MLP_PAIRS, assert_backward_reaches_the_student_alone, assert_gradcheck_and_precision,
+                     assert_one_step_trains_the_student, assert_two_epochs_resume_exactly, digits_batch as _batch,
+                     digits_distiller, digits_mlp_or_cnn, digits_pair as _pair, digits_teacher_student,
+                     sin_pattern as _fixed)
 
-
-def _sp(student, teacher, **params) -> SP:
-    teacher.eval().requires_grad_(False)
-    return SP(student, teacher, SP.Params(**params), _pair(student, teacher))
-
-
-def _fixed(shape: tuple[int, ...], phase: float, freq: float = 0.7) -> torch.Tensor:
-    return torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * freq + phase)
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_sp = functools.partial(digits_distiller, SP)
 
 
 def _by_hand(fs: torch.Tensor, ft: torch.Tensor) -> float:
@@ -78,14 +69,11 @@ def test_the_sum_of_squares_is_divided_by_b_squared():
 def test_gradcheck_in_float64():
     s = _fixed((4, 2, 2, 2), 0.1).requires_grad_()
     t = _fixed((4, 3), 1.3)
-    assert torch.autograd.gradcheck(lambda x: sp_loss([x], [t]), (s,))
-    assert sp_loss([s], [t]).dtype == torch.float64
-    assert sp_loss([s.detach().bfloat16()], [t.bfloat16()]).dtype == torch.float32
+    assert_gradcheck_and_precision(lambda a, b: sp_loss([a], [b]), s, t)
 
 
 def test_last_stage_by_default_all_stages_on_request():
-    teacher = _model("cnn", 0, channels=16, num_stages=4)
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=16, num_stages=4)
     last, every = _sp(student, teacher, sp_weight=10.0), _sp(student, teacher, stages="all", sp_weight=10.0)
     assert last.pairs == [(2, 3)]
     assert every.pairs[0] == (0, 0) and every.pairs[-1] == (2, 3) and len(every.pairs) == 3
@@ -99,36 +87,16 @@ def test_last_stage_by_default_all_stages_on_request():
     _, all_losses = every.forward_train(x, y, None)
     hand = sum(_by_hand(fs[i].double(), ft[j].double()) for i, j in every.pairs)
     assert float(all_losses["loss_sp"].detach()) == pytest.approx(10.0 * hand, rel=1e-4)
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert student.stages[0].convs[0].weight.grad.abs().sum() > 0
-    assert last.extra_params() == 0
+    assert_backward_reaches_the_student_alone(last, losses)
 
 
-@pytest.mark.parametrize("student_arch, teacher_arch", [("mlp", "cnn"), ("mlp", "mlp"), ("cnn", "mlp")])
+@pytest.mark.parametrize("student_arch, teacher_arch", MLP_PAIRS)
 @pytest.mark.parametrize("stages", ["last", "all"])
 def test_check_pair_serves_mlps_on_their_flattened_stages(student_arch, teacher_arch, stages):
-    options = {"mlp": {"hidden": [16, 12]}, "cnn": {"channels": 4}}
-    student, teacher = _model(student_arch, 0, **options[student_arch]), _model(teacher_arch, 1, **options[teacher_arch])
+    student, teacher = digits_mlp_or_cnn(student_arch, teacher_arch)
     assert SP.check_pair(SP.Params(stages=stages), _pair(student, teacher)) is None
-    d = _sp(student, teacher, stages=stages)
-    x, y = _batch()
-    _, losses = d.forward_train(x, y, None)
-    assert math.isfinite(float(losses["loss_sp"].detach())) and float(losses["loss_sp"].detach()) > 0
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in student.parameters())
+    assert_one_step_trains_the_student(_sp(student, teacher, stages=stages), "loss_sp")
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-
-    def make():
-        return _sp(_model("cnn", 3, channels=4), teacher)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
-    assert full.status == "completed" and len(full.history) == 2
-    assert all({"loss_ce", "loss_sp"} == set(e.losses) for e in full.history)
-    assert all(math.isfinite(e.losses["loss_sp"]) and e.losses["loss_sp"] > 0 for e in full.history)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_two_epochs_resume_exactly(_sp, digits, tmp_path, "loss_sp")

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from typer.testing import CliRunner
 
 from kdarena.methods import METHODS, StepInfo
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.svd import SVD, GuardedSVD, align, canonical_signs, svd_loss
-from kdarena.cli.app import app
-from kdarena.zoo.data import Split
 from kdarena.zoo.models import build_model
-from helpers import digits_cnn as _cnn, digits_pair as _pair
+from helpers import (assert_cli_refuses_an_mlp_student, cli_train_summary, digits_cnn as _cnn, digits_pair as _pair,
+                     with_small_train as _small)
 
 
 def _svd(student, teacher, **params) -> SVD:
@@ -172,10 +168,6 @@ def test_zero_weight_gives_the_baseline_gradients():
         assert torch.equal(pa.grad, pb.grad)
 
 
-def _small(digits, n: int = 256):
-    return dataclasses.replace(digits, train=Split(digits.train.images[:n], digits.train.labels[:n]))
-
-
 def test_two_stage_runs_svd_alone_then_ce_alone(digits):
     teacher = _cnn(0, 16)
     two = _svd(_cnn(1, 8), teacher, stages=2, init_epochs=0.5)
@@ -204,15 +196,8 @@ def test_check_pair_refuses_mlp_and_single_stage_networks():
 
 
 def test_cli_trains_svd_and_records_diagnostics(cache_env, tmp_path):
-    runner = CliRunner()
-    refused = runner.invoke(app, ["train", "--set", "method.name=svd", "--set", "student.arch=mlp"])
-    assert refused.exit_code == 2
-    assert "'svd'" in refused.stderr and "'mlp'" in refused.stderr and "spatial" in refused.stderr
-
-    result = runner.invoke(app, ["train", "--json", "--set", "method.name=svd",
-                                 "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    assert_cli_refuses_an_mlp_student("svd")
+    summary = cli_train_summary("method.name=svd", "teacher.recipe.epochs=2", "train.epochs=2")
     assert summary["status"] == "completed" and summary["method"] == "svd"
     assert summary["extra_params"] == 8 * 32 + 16 * 64 + 32 * 128  # default pair: 8/16/32 → 32/64/128 channels
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -3,6 +3,7 @@ resumed fit that carries the learnt variances."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -10,28 +11,13 @@ import torch
 from torch.nn import functional as F
 
 from kdarena.methods import METHODS, PairInfo
-from kdarena.methods.recipe import Recipe
 from kdarena.methods.vid import VID, gaussian_nll, variance
 from kdarena.zoo.models import StageShape
-from helpers import uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (as_float as _f, assert_refuses_mlps_for_want_of_spatial_maps, assert_resumed_exactly,
+                     digits_batch as _batch, digits_distiller, digits_model as _model, digits_teacher_student,
+                     sin_pattern as _fixed, two_epochs_and_resumed)
 
-
-def _vid(student, teacher, **params) -> VID:
-    teacher.eval().requires_grad_(False)
-    return VID(student, teacher, VID.Params(**params), _pair(student, teacher))
-
-
-def _fixed(shape: tuple[int, ...], phase: float, freq: float = 0.7) -> torch.Tensor:
-    return torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * freq + phase)
-
-
-def _f(t: torch.Tensor) -> float:
-    return float(t.detach())
-
-
-def _batch(n: int = 6):
-    torch.manual_seed(1)
-    return torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+_vid = functools.partial(digits_distiller, VID)
 
 
 def _on_shapes(s: tuple[int, int], t: tuple[int, int], shift: float, **params) -> VID:
@@ -102,8 +88,7 @@ def test_gradcheck_in_float64():
 
 
 def test_regressors_and_variances_are_training_only_and_learn():
-    teacher = _model("cnn", 0, channels=16, num_stages=4)  # 4 stages against the student's 3
-    student = _model("cnn", 1, channels=4)
+    teacher, student = digits_teacher_student(channels=16, num_stages=4)  # 4 stages against the student's 3
     d = _vid(student, teacher, vid_weight=3.0)
     assert len(d.pairs) == 3 and d.pairs[-1] == (2, 3)
     x, y = _batch()
@@ -122,25 +107,14 @@ def test_regressors_and_variances_are_training_only_and_learn():
 
 
 def test_check_pair_refuses_pairs_without_spatial_maps():
-    cnn, mlp = _model("cnn", 0, channels=4), _model("mlp", 0, hidden=[16])
-    assert VID.check_pair(VID.Params(), _pair(cnn, cnn)) is None
-    why = VID.check_pair(VID.Params(), _pair(mlp, cnn))
-    assert "student has none" in why and "spatial" in why and "MLP" in why
-    assert "teacher has none" in VID.check_pair(VID.Params(), _pair(cnn, mlp))
+    assert_refuses_mlps_for_want_of_spatial_maps(VID, "MLP")
 
 
 def test_two_epochs_on_digits_complete_and_resume_exactly(digits, tmp_path):
-    teacher = _model("cnn", 0, channels=8)
-
-    def make():
-        return _vid(_model("cnn", 3, channels=4), teacher)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=2, batch_size=64), tmp_path)
+    full, resumed, _ = two_epochs_and_resumed(_vid, digits, tmp_path)
     assert full.status == "completed" and len(full.history) == 2
     assert all({"loss_ce", "loss_vid"} == set(e.losses) for e in full.history)
     assert all(math.isfinite(e.losses["loss_vid"]) for e in full.history)
     # the variances move, and the resumed run restored them: its second epoch repeats the uninterrupted one
     assert full.history[1].diagnostics["vid_variance"] != pytest.approx(5.0, rel=1e-4)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.losses for e in resumed.history] == [e.losses for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    assert_resumed_exactly(full, resumed)

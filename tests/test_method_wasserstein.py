@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -12,17 +13,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from kdarena.methods import METHODS
-from kdarena.methods.baseline import Baseline
-from kdarena.methods.engine import fit
-from kdarena.methods.recipe import Recipe
 from kdarena.methods.wasserstein import Wasserstein, gradient_penalty
 from kdarena.cli.app import app
-from helpers import CPU, uninterrupted_and_resumed, digits_model as _model, digits_pair as _pair
+from helpers import (assert_logged_finite_each_epoch, assert_resumed_exactly, cli_train, cli_train_summary,
+                     digits_distiller, digits_model as _model, digits_pair as _pair, fit_alone_and_distilled,
+                     two_epochs_and_resumed)
 
-
-def _wasserstein(student, teacher, **params) -> Wasserstein:
-    return Wasserstein(student, teacher.eval().requires_grad_(False), Wasserstein.Params(**params),
-                       _pair(student, teacher))
+_wasserstein = functools.partial(digits_distiller, Wasserstein)
 
 
 def _linear_critic(shape: tuple[int, ...], norm: float) -> nn.Module:
@@ -98,25 +95,16 @@ def test_pairs_without_spatial_maps_or_that_stage_are_refused():
 
 def test_adv_weight_zero_is_the_student_trained_alone(digits):
     teacher = _model("cnn", 1, channels=8)
-    recipe = Recipe(epochs=1, batch_size=64)
-    s1, s2 = _model("cnn", 5, channels=4), _model("cnn", 5, channels=4)
-    r1 = fit(Baseline(s1, None, Baseline.Params(), _pair(s1, s1)), digits, recipe, device=CPU, evaluate_test=False)
-    r2 = fit(_wasserstein(s2, teacher, adv_weight=0.0, critic_iters=1), digits, recipe, device=CPU,
-             evaluate_test=False)
-    for p1, p2 in zip(s1.state_dict().values(), s2.state_dict().values()):
-        assert torch.equal(p1, p2)  # BN statistics too: critic steps leave the student alone
-    assert r1.history[0].val_acc == r2.history[0].val_acc
+    # equal weights and BN statistics too: critic steps leave the student alone
+    alone, distilled = fit_alone_and_distilled(lambda s: _wasserstein(s, teacher, adv_weight=0.0, critic_iters=1),
+                                               digits, 64)
+    assert alone.history[0].val_acc == distilled.history[0].val_acc
 
 
 def test_resume_restores_critic_and_its_optimizer(digits, tmp_path):
-    teacher = _model("cnn", 1, channels=8)
-    recipe = Recipe(epochs=2, batch_size=128)
-    def make():
-        return _wasserstein(_model("cnn", 9, channels=4), teacher, critic_iters=1, adv_weight=0.5)
-
-    full, resumed = uninterrupted_and_resumed(make, digits, recipe, tmp_path)
-    assert [e.val_acc for e in resumed.history] == [e.val_acc for e in full.history]
-    assert [e.diagnostics for e in resumed.history] == [e.diagnostics for e in full.history]
+    full, resumed, _ = two_epochs_and_resumed(lambda s, t: _wasserstein(s, t, critic_iters=1, adv_weight=0.5), digits,
+                                              tmp_path, batch_size=128, seeds=(1, 9))
+    assert_resumed_exactly(full, resumed, ("val_acc", "diagnostics"))
     assert resumed.test_acc == full.test_acc
 
 
@@ -132,23 +120,17 @@ def test_listed_with_its_search_space():
 
 
 def test_train_cli_records_the_wasserstein_estimate_per_epoch(cache_env, tmp_path):
-    result = CliRunner().invoke(app, ["train", "--json", "--set", "method.name=wasserstein",
-                                      "--set", "teacher.options.channels=8",
-                                      "--set", "teacher.recipe.epochs=2", "--set", "train.epochs=2"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    summary = cli_train_summary("method.name=wasserstein", "teacher.options.channels=8", "teacher.recipe.epochs=2",
+                                "train.epochs=2", catch_exceptions=False)
     assert summary["status"] == "completed" and summary["method"] == "wasserstein"
     assert summary["extra_params"] > 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for name in ("diag_wasserstein", "diag_critic_loss", "diag_gradient_penalty", "train_loss_adv"):
-        history = client.get_metric_history(summary["run_id"], name)
-        assert [m.step for m in history] == [1, 2], name
-        assert all(math.isfinite(m.value) for m in history)
+    assert_logged_finite_each_epoch(client, summary["run_id"],
+                                    ("diag_wasserstein", "diag_critic_loss", "diag_gradient_penalty", "train_loss_adv"))
 
 
 def test_train_cli_refuses_an_mlp_student_naming_method_and_model(cache_env):
-    result = CliRunner().invoke(app, ["train", "--set", "method.name=wasserstein", "--set", "student.arch=mlp"])
+    result = cli_train("method.name=wasserstein", "student.arch=mlp")
     assert result.exit_code == 2
     assert "wasserstein" in result.stderr and "mlp" in result.stderr and "spatial" in result.stderr
     assert "Traceback" not in result.output
