@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -147,8 +148,10 @@ def test_no_module_sets_environment_variables_when_imported():
 
 
 def test_comments_and_docstrings_cite_only_what_is_in_the_repository():
-    # documents kept outside the repository, and the folder this checkout sits in (a machine's path)
-    outside = re.compile(r"design\.md|methods\.md|references\.md|the brief|\.\./shared|" + re.escape(f"{REPO.parent}/"))
+    # documents kept outside the repository, and the folder this checkout sits in (a machine's path) unless that is
+    # the system's temp folder, which tests name on purpose (short Ray socket paths, escape attempts)
+    machine = "" if REPO.parent == Path(tempfile.gettempdir()) else "|" + re.escape(f"{REPO.parent}/")
+    outside = re.compile(r"design\.md|methods\.md|references\.md|the brief|\.\./shared" + machine)
     hits = []
     for folder in [*PACKAGES, "benchmarks", "tests"]:
         for path in _modules(folder):
