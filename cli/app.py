@@ -167,6 +167,12 @@ def _print_sweep_summary(cfg, outcome) -> None:
         table.add_row(method, record["tags"].get(Tag.STUDENT_LABEL, ""), _pct(m.get("val_acc")),
                       _pct(m.get("test_acc")), final_text, f"{int(m.get('macs', 0)):,}", key_params(record, limit=6))
     out.print(table)
+    for method, sources in (outcome.warm_started or {}).items():
+        best = outcome.best.get(method)
+        won = best is not None and best["tags"].get(Tag.WARM_START)
+        out.print(f"{method}: {len(sources)} trial(s) warm-started from {', '.join(sources)}"
+                  + (f"; its best trial is one of them ({won})" if won else "; a sampled trial beat them" if best else ""),
+                  highlight=False)
     missing = [m for m in cfg.methods if m not in outcome.best]
     if missing:
         out.print(f"no full-budget trial for: {', '.join(missing)} (all stopped early, diverged or failed)")

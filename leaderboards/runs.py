@@ -33,7 +33,9 @@ RUN_COLUMNS = ["run_id", "experiment", "role", "sweep", "parent_run_id", "datase
                "seed", "start_time", "hparams",
                # the Optuna point under its own names (kd/temperature), the record key of a sweep run
                # (de-duplication after a resume), and a hash of the config minus its seed
-               "searched", "trial_key", "config_key", "run_name"]
+               "searched", "trial_key", "config_key", "run_name",
+               # where a warm-started trial's config came from ("sweep/trial (run id)"), else None
+               "warm_start"]
 
 
 # params that say where or how fast a run ran, not what it computed: ignored when comparing configs
@@ -122,6 +124,7 @@ class _Runs:
         c["searched"].append({k: _value(v) for k, v in params.items() if Param.SEARCHED_SEP in k})
         c["trial_key"].append(tags.get(Tag.TRIAL_KEY))
         c["config_key"].append(config_key)
+        c["warm_start"].append(tags.get(Tag.WARM_START))
 
     def frame(self) -> pd.DataFrame:
         if not self.cols["run_id"]:

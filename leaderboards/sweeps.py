@@ -19,7 +19,7 @@ SWEEP_COLUMNS = ["name", "dataset", "teacher", "trials", *(count_column(s) for s
 
 
 TRIAL_COLUMNS = ["order", "run_id", "method", "student", "status", "reason", "val_acc", "test_acc", "epochs_completed",
-                 "hparams", "searched", "params", "macs", "start_time", "run_name"]
+                 "hparams", "searched", "params", "macs", "start_time", "run_name", "warm_start"]
 
 
 # -- sweeps and runs -------------------------------------------------------------------------------------------

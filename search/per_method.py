@@ -17,14 +17,23 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from .points import WARM_START, flat_point
+
 
 class PerMethodSearch(Searcher):
-    """Round-robin over per-method OptunaSearch instances, `quota` trials each."""
+    """Round-robin over per-method OptunaSearch instances, `quota` trials each.
 
-    def __init__(self, searchers: dict[str, OptunaSearch], quota: int, metric: str | list[str], mode: str | list[str]):
+    `warm` holds each method's enqueued points and their sources: a
+    suggestion that is one of them carries its source in the trial config
+    (`WARM_START`), so the trial's run says where its config came from.
+    """
+
+    def __init__(self, searchers: dict[str, OptunaSearch], quota: int, metric: str | list[str], mode: str | list[str],
+                 warm: dict[str, list[tuple[dict[str, Any], str]]] | None = None):
         super().__init__(metric=metric, mode=mode)
         self.searchers = searchers
         self.quota = quota
+        self.warm = {m: list(points) for m, points in (warm or {}).items()}
         self.suggested = dict.fromkeys(searchers, 0)
         self.owner: dict[str, str] = {}
 
@@ -41,6 +50,11 @@ class PerMethodSearch(Searcher):
             return None
         self.suggested[method] += 1
         self.owner[trial_id] = method
+        flat = flat_point(config)
+        for i, (point, source) in enumerate(self.warm.get(method, [])):
+            if all(flat.get(k) == v for k, v in point.items()):
+                del self.warm[method][i]
+                return config | {WARM_START: source}
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -28,6 +28,7 @@ from .recorder import MLflowRecorder
 from .records import SweepPaths, epochs_done, final_stats, trial_id_of
 from .session import DriverSession
 from .sweep_config import SweepConfig, method_space
+from .warm_start import WarmPoint
 
 
 @dataclass
@@ -78,8 +79,13 @@ class Phase:
             raise KeyboardInterrupt(f"{finished} of {planned} {phase} runs finished")
 
 
-def search(phase: Phase) -> None:
-    """All methods' studies in one Tune experiment: each method's TPE study, its quota, its own ASHA rungs."""
+def search(phase: Phase, warm: dict[str, list[WarmPoint]] | None = None) -> None:
+    """All methods' studies in one Tune experiment: each method's TPE study, its quota, its own ASHA rungs.
+
+    `warm`: per method, the points its study runs first (`warm_start.warm_points`); a resumed search has them
+    in its saved state already.
+    """
+    warm = warm or {}
     sweep = phase.sweep
     quota = sweep.trials_for()
     if phase.restore("trial"):
@@ -95,17 +101,18 @@ def search(phase: Phase) -> None:
         searchers[method] = OptunaSearch(
             DefineByRun(method, method_space(sweep, method), tuple(s.search for s in sweep.students)),
             metric=metric, mode=mode, study_name=method, storage=study_storage(phase.paths, method), seed=sweep.seed,
-            sampler=sampler)
+            sampler=sampler, points_to_evaluate=[w.point for w in warm.get(method, [])] or None)
     b = sweep.budget
     # the trial's own epoch, not Tune's iteration count: a trial restarted from another checkpoint re-reports epochs
     scheduler = PerMethodASHA(list(sweep.methods), time_attr="epoch", metric=Metric.VAL_ACC, mode="max",
                               max_t=b.epochs, grace_period=b.grace_period if b.early_stopping else b.epochs,
                               reduction_factor=b.reduction_factor)
+    searcher = PerMethodSearch(searchers, quota, metric, mode,
+                               {m: [(w.point, w.source) for w in ws] for m, ws in warm.items()})
     tune.Tuner(
         phase.trainable,
-        tune_config=tune.TuneConfig(search_alg=PerMethodSearch(searchers, quota, metric, mode), scheduler=scheduler,
-                                    num_samples=quota * len(searchers), max_concurrent_trials=phase.concurrency,
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=quota * len(searchers),
+                                    max_concurrent_trials=phase.concurrency, reuse_actors=True),
         run_config=phase.run_config("trial"),
     ).fit()
     phase.raise_if_interrupted("trial", quota * len(searchers))

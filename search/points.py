@@ -24,6 +24,7 @@ from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, trial_config
 STUDENT = "student"
 POINT = "point"
 SEED = "seed"
+WARM_START = "warm_start"  # a warm-started trial's config: where its point came from (search/warm_start.py)
 
 
 def method_param(method: str, name: str) -> str:
@@ -70,6 +71,17 @@ class DefineByRun:
         return {"method": self.method, STUDENT: student}
 
 
+def flat_point(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray's nested trial config back under Optuna's flat names ({"kd": {"temperature": 4}} → kd/temperature)."""
+    flat: dict[str, Any] = {}
+    for key, value in point_of(config).items():
+        if isinstance(value, dict):
+            flat |= {f"{key}{Param.SEARCHED_SEP}{k}": v for k, v in value.items()}
+        else:
+            flat[key] = value
+    return flat
+
+
 def point_of(config: dict[str, Any]) -> dict[str, Any]:
     """The Optuna point in Ray's trial config (a final run's sits under `point`)."""
     return config.get(POINT, config)
@@ -100,4 +112,7 @@ class Describe:
         sweep = SweepConfig.model_validate(self.sweep_doc)
         method, index, options, params, seed = split_trial_params(config)
         cfg = trial_config(sweep, method, index, options, params, seed=seed)
-        return cfg.model_dump(mode="json"), student_tags(cfg, with_teacher=True) | {Tag.SWEEP: sweep.name}
+        tags = student_tags(cfg, with_teacher=True) | {Tag.SWEEP: sweep.name}
+        if point_of(config).get(WARM_START):
+            tags[Tag.WARM_START] = str(point_of(config)[WARM_START])
+        return cfg.model_dump(mode="json"), tags

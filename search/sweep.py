@@ -29,6 +29,9 @@ from kdarena.training.teacher_store import check_writable
 from kdarena.training.tracking import (ensure_experiment, fail_fast_http, resolve_tracking_uri, source_commit,
                                        writes_allowed)
 from kdarena.training.train_job import Callbacks, build_distiller, load_config_dataset, resolve_teacher, teacher_cache_dir
+from kdarena.leaderboards.runs import read_runs
+from kdarena.training.build import make_model
+from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset
 from kdarena.zoo.errors import UserError
 
@@ -43,6 +46,8 @@ from .session import View, driver_session
 from .signals import sigterm_as_ctrl_c
 from .sweep_config import SweepConfig, trial_config
 from .trial import run_trial
+from .warm_start import WarmPoint, check_named_sweeps, per_method_quota, warm_points
+from .warm_start import describe as describe_warm
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class SweepOutcome:
     best: dict[str, dict[str, Any]]  # method -> record of its best full-budget trial
     finals: dict[str, dict[str, Any]]  # method -> {"mean", "std", "n", "test_accs"}
     final_seeds: int = 0  # planned per method
+    warm_started: dict[str, list[str]] | None = None  # method -> the runs its first trials' configs came from
 
     def missing_finals(self) -> dict[str, int]:
         """Methods whose final mean stands on fewer seeds than planned (diverged or failed seeds): method -> n."""
@@ -111,7 +117,35 @@ def _check(sweep: SweepConfig, paths: SweepPaths, uri: str, options: SweepOption
     if options.resume:
         check_same_data(paths, ident)
     check_pairs(sweep, data)
+    if isinstance(sweep.warm_start, list):
+        check_named_sweeps(sweep.warm_start, read_runs(uri))
     return data, ident
+
+
+def student_macs(sweep: SweepConfig, data: Dataset) -> list[float]:
+    """Each student's MACs at its searched options' low ends: how warm starts measure a pair's nearness."""
+    macs = []
+    for index, spec in enumerate(sweep.students):
+        options = {k: option_value(k, lo) for k, (lo, _) in spec.search.items()}
+        cfg = trial_config(sweep, next(iter(sweep.methods)), index, options, {})
+        student = make_model(cfg.student, data, cfg.train.seed)
+        macs.append(float(profile_cost(student, in_channels=data.in_channels, input_size=data.input_size,
+                                       latency_repeats=0).macs))
+    return macs
+
+
+def plan_warm_start(sweep: SweepConfig, uri: str, data: Dataset, ident: dict[str, Any], records: SweepRecords,
+                    say) -> dict[str, list[WarmPoint]]:
+    """The points each method's study starts from, recorded once (a resumed search has them in its saved state)."""
+    if "warm_start" in records.data or sweep.warm_start == "off":
+        return {}
+    points = warm_points(sweep, read_runs(uri), ident["fingerprint"], student_macs(sweep, data),
+                         per_method_quota(sweep.trials_for()))
+    records.data["warm_start"] = {m: [w.source for w in ws] for m, ws in points.items()}
+    records.save()
+    for line in describe_warm(points) or ["warm start: no finished runs on this data in the store yet; a cold start"]:
+        say(line)
+    return points
 
 
 def check_pairs(sweep: SweepConfig, data: Dataset) -> None:
@@ -181,7 +215,7 @@ def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Datase
                                      teacher_state=teacher_state),
                 {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
             phase = phases.Phase(sweep, paths, session, trainable, uri, experiment_id, concurrency, options.resume)
-            phases.search(phase)
+            phases.search(phase, plan_warm_start(sweep, uri, data, ident, records, session.notify))
             best = best_trials(records, sweep.budget.epochs)
             records.data["best"] = {method: record["key"] for method, record in best.items()}
             finals = phases.final_runs(phase, best, seeds) if seeds else {}
@@ -196,4 +230,4 @@ def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Datase
             if waiting:
                 session.notify(f"{waiting} trial(s) are not in MLflow yet: they wait in {paths.records}; "
                                f"`kdarena sync {paths.root}` sends them once the tracking server is back")
-    return SweepOutcome(paths, parent_id, uri, best, finals, seeds)
+    return SweepOutcome(paths, parent_id, uri, best, finals, seeds, records.data.get("warm_start") or {})

@@ -99,12 +99,26 @@ class SweepConfig(Strict):
     storage: str | None = Field(None, description="where trial results and checkpoints go; default ./kdarena-sweeps")
     cache_dir: str | None = None
     experiment: str = Field("kdarena", min_length=1)
+    warm_start: Literal["auto", "off"] | list[str] = Field(
+        "auto", description="start each method's study from the store's best configs on this data: auto (any "
+                            "sweep or train run), off, or a list of sweep names")
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
         if not SAFE_NAME.fullmatch(v) or ".." in v:  # fullmatch: `$` alone would let "name\n" through
             raise ValueError("use letters, digits, '.', '_' and '-' only (it names a folder)")
+        return v
+
+    @field_validator("warm_start")
+    @classmethod
+    def _warm_sweeps(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list warm-starts from nothing; write off, auto, or the sweeps' names")
+            for name in v:
+                if not SAFE_NAME.fullmatch(name):
+                    raise ValueError(f"{show(name)} is not a sweep name (letters, digits, '.', '_' and '-')")
         return v
 
     @field_validator("methods")

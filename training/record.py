@@ -52,6 +52,7 @@ class Tag:
     DATASET_FINGERPRINT: Final = "kdarena.dataset_fingerprint"  # its content hash: what identifies the data
     GIT_COMMIT: Final = "kdarena.git_commit"
     BEST_RUN_ID: Final = "kdarena.best_run_id"
+    WARM_START: Final = "kdarena.warm_start"  # the run a warm-started trial's config came from
     PARENT: Final = "mlflow.parentRunId"
 
 

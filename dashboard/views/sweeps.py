@@ -61,8 +61,13 @@ st.plotly_chart(parallel_figure(mine), key="sw_parallel", config={"displaylogo":
 st.subheader("Trials")
 shown = trials.assign(val_acc=100 * pd.to_numeric(trials["val_acc"], errors="coerce"),
                       test_acc=100 * pd.to_numeric(trials["test_acc"], errors="coerce"))
+warm = trials[trials["warm_start"].notna()]
+if len(warm):
+    st.caption(f"{len(warm)} trial(s) warm-started: their configs came from the best earlier runs on this data "
+               "(the warm start column names each one's source run); the rest are the sampler's own.")
 st.dataframe(shown[["trial", "method", "student", "status", "reason", "epochs_completed", "val_acc", "test_acc",
-                    "run_id"]], hide_index=True, key="sw_trials", placeholder="—", column_config={
+                    "warm_start", "run_id"]], hide_index=True, key="sw_trials", placeholder="—", column_config={
+    "warm_start": st.column_config.TextColumn("warm start from"),
     "trial": st.column_config.NumberColumn("#", width="small"),
     "epochs_completed": st.column_config.NumberColumn("epochs", format="%d"),
     "val_acc": st.column_config.NumberColumn("val acc (%)", format="%.2f"),
