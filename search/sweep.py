@@ -33,15 +33,16 @@ from kdarena.zoo.data import Dataset
 from kdarena.zoo.errors import UserError
 
 from . import phases
+from .constraints import CostBounds, Shape, check_students
 from .cluster import check_resources, connect_ray, quiet_tune
 from .driver_lock import driver_lock
 # DefineByRun and Describe were defined here: Ray's saved state of a sweep started before names them here
-from .points import DefineByRun, Describe, option_value  # noqa: F401
+from .points import DefineByRun, Describe  # noqa: F401
 from .rebuild import rebuild
 from .records import SWEEP_FILE, SweepPaths, SweepRecords, best_trials, read_records, sweep_paths
 from .session import View, driver_session
 from .signals import sigterm_as_ctrl_c
-from .sweep_config import SweepConfig, trial_config
+from .sweep_config import SweepConfig, option_value, trial_config
 from .trial import run_trial
 
 
@@ -111,6 +112,7 @@ def _check(sweep: SweepConfig, paths: SweepPaths, uri: str, options: SweepOption
     if options.resume:
         check_same_data(paths, ident)
     check_pairs(sweep, data)
+    check_students(sweep, data)
     return data, ident
 
 
@@ -180,7 +182,8 @@ def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Datase
                 tune.with_parameters(run_trial, sweep_doc=sweep.model_dump(mode="json"), data=data,
                                      teacher_state=teacher_state),
                 {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
-            phase = phases.Phase(sweep, paths, session, trainable, uri, experiment_id, concurrency, options.resume)
+            phase = phases.Phase(sweep, paths, session, trainable, uri, experiment_id, concurrency, options.resume,
+                                 CostBounds.of(sweep, Shape.of(data)))
             phases.search(phase)
             best = best_trials(records, sweep.budget.epochs)
             records.data["best"] = {method: record["key"] for method, record in best.items()}
