@@ -50,6 +50,7 @@ LATENCY_REPEATS = 20
 FLOAT_STEPS = 12  # bisection steps of a float option: its range to 1/4096
 # each constraint and the cost it bounds
 LIMITED = {"max_macs": Metric.MACS, "max_params": Metric.PARAMS, "max_latency_ms": Metric.LATENCY_MS}
+SHOWN = {Metric.MACS: "MACs", Metric.PARAMS: "parameter count", Metric.LATENCY_MS: "latency"}
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,13 @@ def excess(limits: dict[str, float], cost: Cost, margin: float = 0.0) -> list[st
         value = getattr(cost, name)
         allowed = limit * (1 - margin) if name == Metric.LATENCY_MS else limit
         if value > allowed:
-            shown = f"{value:.3g} ms" if name == Metric.LATENCY_MS else f"{value:,} {name.upper()}"
-            under = f" ({margin:.0%} under it, for measurement noise)" if allowed != limit else ""
-            over.append(f"{shown} is over constraints.{key} {limit:,.6g}{under}")
+            shown = f"{value:.3g} ms" if name == Metric.LATENCY_MS else f"{value:,}"
+            over.append(f"{SHOWN[name]} {shown} is over constraints.{key} {_number(limit)}")
     return over
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if value.is_integer() else f"{value:g}"
 
 
 @dataclass(frozen=True)
