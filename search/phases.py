@@ -21,6 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 from kdarena.training.record import Metric, Status
 
 from .checkpoints import repair
+from .constraints import CostBounds
 from .mirror import TRACKING_ERRORS
 from .per_method import PerMethodASHA, PerMethodSearch
 from .points import POINT, DefineByRun, Describe, final_point
@@ -43,6 +44,7 @@ class Phase:
     experiment_id: str
     concurrency: int
     resume: bool
+    bounds: CostBounds | None  # the sweep's constraints, priced on its data
 
     @property
     def describe(self) -> Describe:
@@ -99,7 +101,7 @@ def search(phase: Phase, warm: dict[str, list[WarmPoint]] | None = None) -> None
     for method in sweep.methods:
         sampler = optuna.samplers.RandomSampler(seed=sweep.seed) if sweep.sampler == "random" else None
         searchers[method] = OptunaSearch(
-            DefineByRun(method, method_space(sweep, method), tuple(s.search for s in sweep.students)),
+            DefineByRun(method, method_space(sweep, method), tuple(s.search for s in sweep.students), phase.bounds),
             metric=metric, mode=mode, study_name=method, storage=study_storage(phase.paths, method), seed=sweep.seed,
             sampler=sampler, points_to_evaluate=[w.point for w in warm.get(method, [])] or None)
     b = sweep.budget

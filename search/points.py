@@ -19,7 +19,8 @@ from kdarena.methods.space import Choice, Dimension, IntRange
 from kdarena.training.identity import student_tags
 from kdarena.training.record import Param, Tag
 
-from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, trial_config
+from .constraints import CostBounds
+from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, option_value, trial_config
 
 STUDENT = "student"
 POINT = "point"
@@ -35,31 +36,36 @@ def student_option(index: int, option: str) -> str:
     return f"{STUDENT}{index}{Param.SEARCHED_SEP}{option}"
 
 
-def option_value(option: str, value: float) -> int | float:
-    """A searched student option as the model takes it (depth and channels are whole numbers)."""
-    return int(value) if SEARCHABLE_OPTIONS[option] is int else value
-
-
 @dataclass(frozen=True)
 class DefineByRun:
     """One method's Optuna space, define-by-run so a student's searched options depend on the student.
 
     A plain picklable object: Ray checkpoints the searcher, space included.
+    With the sweep's `bounds`, each searched option's range is cut, per
+    trial, to what still fits the constraints (`constraints.CostBounds.upper`):
+    Optuna's samplers take a range that changes from trial to trial.
     """
 
     method: str
     space: dict[str, Dimension]
     student_search: tuple[dict[str, list[float]], ...]
+    bounds: CostBounds | None = None  # None: no constraints (and a searcher saved before they existed)
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         count = len(self.student_search)
         student = trial.suggest_categorical(STUDENT, list(range(count))) if count > 1 else 0
-        for option, (low, high) in self.student_search[student].items():
+        search = list(self.student_search[student].items())
+        chosen: dict[str, Any] = {}
+        for i, (option, (low, high)) in enumerate(search):
             name = student_option(student, option)
+            low, high = option_value(option, low), option_value(option, high)
+            if self.bounds is not None:
+                pending = {later: option_value(later, bounds[0]) for later, bounds in search[i + 1:]}
+                high = self.bounds.upper(student, option, low, high, chosen, pending)
             if SEARCHABLE_OPTIONS[option] is int:
-                trial.suggest_int(name, int(low), int(high))
+                chosen[option] = trial.suggest_int(name, low, high)
             else:
-                trial.suggest_float(name, low, high)
+                chosen[option] = trial.suggest_float(name, low, high)
         for name, dim in self.space.items():
             key = method_param(self.method, name)
             if isinstance(dim, Choice):

@@ -96,9 +96,10 @@ class MLflowRecorder(Callback):
             return
         epoch = int(result.get("epoch", 0))
         record["last_result"] = _scalars(result)
-        if result.get("status") != Status.DIVERGED:
+        if result.get("status") not in Status.NO_SCORE:
             add_epoch(record, epoch, {k: float(v) for k, v in _scalars(result).items() if is_epoch_metric(k)})
-        if result.get("status") in (Status.COMPLETED, Status.DIVERGED):  # the status once Ray says the trial ended
+        # the status once Ray says the trial ended (failed: refused untrained, over a constraint)
+        if result.get("status") in (Status.COMPLETED, *Status.NO_SCORE):
             record["outcome"] = result["status"]
             record["reason"] = result.get("reason")
         self._event("result", key, record)

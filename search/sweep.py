@@ -36,15 +36,16 @@ from kdarena.zoo.data import Dataset
 from kdarena.zoo.errors import UserError
 
 from . import phases
+from .constraints import LATENCY_MARGIN, CostBounds, Shape, check_students
 from .cluster import check_resources, connect_ray, quiet_tune
 from .driver_lock import driver_lock
 # DefineByRun and Describe were defined here: Ray's saved state of a sweep started before names them here
-from .points import DefineByRun, Describe, option_value  # noqa: F401
+from .points import DefineByRun, Describe  # noqa: F401
 from .rebuild import rebuild
 from .records import SWEEP_FILE, SweepPaths, SweepRecords, best_trials, read_records, sweep_paths
 from .session import View, driver_session
 from .signals import sigterm_as_ctrl_c
-from .sweep_config import SweepConfig, trial_config
+from .sweep_config import SweepConfig, option_value, trial_config
 from .trial import run_trial
 from .warm_start import WarmPoint, check_named_sweeps, per_method_quota, warm_points
 from .warm_start import describe as describe_warm
@@ -117,6 +118,7 @@ def _check(sweep: SweepConfig, paths: SweepPaths, uri: str, options: SweepOption
     if options.resume:
         check_same_data(paths, ident)
     check_pairs(sweep, data)
+    check_students(sweep, data)
     if isinstance(sweep.warm_start, list):
         check_named_sweeps(sweep.warm_start, read_runs(uri))
     return data, ident
@@ -139,8 +141,10 @@ def plan_warm_start(sweep: SweepConfig, uri: str, data: Dataset, ident: dict[str
     """The points each method's study starts from, recorded once (a resumed search has them in its saved state)."""
     if "warm_start" in records.data or sweep.warm_start == "off":
         return {}
+    bounds = CostBounds.of(sweep, Shape.of(data))
     points = warm_points(sweep, read_runs(uri), ident["fingerprint"], student_macs(sweep, data),
-                         per_method_quota(sweep.trials_for()))
+                         per_method_quota(sweep.trials_for()),
+                         None if bounds is None else lambda student, options: not bounds.over(student, options, LATENCY_MARGIN))
     records.data["warm_start"] = {m: [w.source for w in ws] for m, ws in points.items()}
     records.save()
     for line in describe_warm(points) or ["warm start: no finished runs on this data in the store yet; a cold start"]:
@@ -214,7 +218,8 @@ def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Datase
                 tune.with_parameters(run_trial, sweep_doc=sweep.model_dump(mode="json"), data=data,
                                      teacher_state=teacher_state),
                 {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
-            phase = phases.Phase(sweep, paths, session, trainable, uri, experiment_id, concurrency, options.resume)
+            phase = phases.Phase(sweep, paths, session, trainable, uri, experiment_id, concurrency, options.resume,
+                                 CostBounds.of(sweep, Shape.of(data)))
             phases.search(phase, plan_warm_start(sweep, uri, data, ident, records, session.notify))
             best = best_trials(records, sweep.budget.epochs)
             records.data["best"] = {method: record["key"] for method, record in best.items()}

@@ -29,6 +29,11 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SEARCHABLE_OPTIONS = {"width": float, "depth": int, "channels": int}
 
 
+def option_value(option: str, value: float) -> int | float:
+    """A searched student option as the model takes it (depth and channels are whole numbers)."""
+    return int(value) if SEARCHABLE_OPTIONS[option] is int else value
+
+
 class StudentSpec(ModelConfig):
     search: dict[str, list[float]] = Field(default_factory=dict,
                                            description="options to search: {width: [0.25, 1.0], depth: [1, 3]}")
@@ -78,6 +83,33 @@ class FinalSpec(Strict):
     seeds: int = Field(0, ge=0, description="re-run each method's best config on this many seeds")
 
 
+class Constraints(Strict):
+    """Upper limits on a student's cost: no trial over one is trained (`search/constraints.py` says how)."""
+
+    max_macs: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                   description="multiply-accumulates of one forward pass at batch 1")
+    max_params: float | None = Field(None, gt=0, allow_inf_nan=False, description="parameter count")
+    max_latency_ms: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                         description="CPU latency at batch 1, measured (median of repeats)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            unknown = [k for k in v if k not in cls.model_fields]
+            if unknown:
+                raise ValueError(f"unknown constraint {show(unknown[0])}; the constraints are "
+                                 f"{', '.join(cls.model_fields)}")
+        return v
+
+    @field_validator("max_macs", "max_params", "max_latency_ms", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError("expected a positive number")
+        return v
+
+
 Objective = Literal["val_acc"] | list[Literal["val_acc", "macs", "params"]]
 
 
@@ -89,6 +121,7 @@ class SweepConfig(Strict):
     methods: dict[str, MethodSpec | None] = Field(min_length=1)
     budget: Budget = Field(default_factory=Budget)
     objective: Objective = "val_acc"
+    constraints: Constraints = Field(default_factory=Constraints)
     train: Recipe = Field(default_factory=Recipe, description="the students' recipe; epochs and chance_patience come from the budget")
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(None, gt=0)
@@ -184,6 +217,11 @@ def _narrow(dim: Dimension, override: Any) -> Dimension:
     return FloatRange(float(low), float(high), dim.log and low > 0)
 
 
+def trial_threads(sweep: SweepConfig) -> int:
+    """A trial's torch threads: its CPUs, whole."""
+    return max(1, math.floor(sweep.resources.cpu))
+
+
 def trial_config(sweep: SweepConfig, method: str, student_index: int, student_options: dict[str, Any],
                  params: dict[str, Any], seed: int | None = None) -> TrainConfig:
     """The complete `kdarena train` config of one trial (sampled `params` = method knobs + lr/weight_decay)."""
@@ -191,8 +229,7 @@ def trial_config(sweep: SweepConfig, method: str, student_index: int, student_op
     values = dict(spec.fix) | params
     recipe_fields = {k: values.pop(k) for k in list(values) if k in COMMON_SPACE}
     student = sweep.students[student_index]
-    threads = max(1, math.floor(sweep.resources.cpu))
-    recipe = sweep.train.model_copy(update={"epochs": sweep.budget.epochs, "num_threads": threads,
+    recipe = sweep.train.model_copy(update={"epochs": sweep.budget.epochs, "num_threads": trial_threads(sweep),
                                             "chance_patience": sweep.budget.chance_patience,
                                             **({"seed": seed} if seed is not None else {}), **recipe_fields})
     return TrainConfig(

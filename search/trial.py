@@ -24,6 +24,7 @@ from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset
 
 from .checkpoints import CHECKPOINT_FILE, EPOCH_FILE
+from .constraints import Shape, trial_refusal
 from .points import split_trial_params
 from .sweep_config import SweepConfig, trial_config
 
@@ -45,6 +46,10 @@ def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Datase
     cost = profile_cost(distiller.student, in_channels=data.in_channels, input_size=data.input_size, latency_repeats=0)
     static = {Metric.PARAMS: cost.params, Metric.MACS: cost.macs, Metric.FLOPS: cost.flops,
               Metric.EXTRA_PARAMS: distiller.extra_params()}
+    refusal = trial_refusal(sweep, distiller.student, Shape.of(data), cost)
+    if refusal is not None:  # reported, not raised: Ray would retry an error, and a re-measured latency may pass
+        tune.report({"epoch": 0, Metric.VAL_ACC: 0.0, "status": Status.FAILED, "reason": refusal, **static})
+        return
 
     work = Path(tempfile.mkdtemp(prefix="kdarena-trial-"))
     ckpt_path = work / CHECKPOINT_FILE

@@ -14,7 +14,7 @@ another pair's score is not an observation of this sweep's objective.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,8 @@ from kdarena.zoo.errors import UserError
 
 from .points import STUDENT, method_param, student_option
 from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, method_space
+
+Fits = Callable[[int, dict[str, Any]], bool]  # (student index, searched options) -> within the constraints?
 
 # a different teacher weighs as much as a student e (≈2.7) times bigger or smaller
 OTHER_TEACHER_DISTANCE = 1.0
@@ -103,8 +105,13 @@ def match_student(sweep: SweepConfig, run: pd.Series) -> int | None:
     return None
 
 
-def point_of_run(sweep: SweepConfig, method: str, run: pd.Series, student: int | None) -> dict[str, Any]:
-    """The run's config as an Optuna point of this sweep: its knobs this sweep searches, clipped to the space."""
+def point_of_run(sweep: SweepConfig, method: str, run: pd.Series, student: int | None,
+                 fits: Fits | None = None) -> dict[str, Any]:
+    """The run's config as an Optuna point of this sweep: its knobs this sweep searches, clipped to the space.
+
+    `fits(student, options)` says whether searched student options are within the sweep's constraints;
+    options that are not are left to the sampler, which draws only points that fit.
+    """
     space = method_space(sweep, method)
     point: dict[str, Any] = {}
     for name, value in run["hparams"].items():
@@ -114,11 +121,13 @@ def point_of_run(sweep: SweepConfig, method: str, run: pd.Series, student: int |
         if len(sweep.students) > 1:
             point[STUDENT] = student
         options = _student_options(run)
+        searched = {}
         for option, (low, high) in sweep.students[student].search.items():
             if option in options:
                 value = min(max(options[option], low), high)
-                point[student_option(student, option)] = int(round(value)) if SEARCHABLE_OPTIONS[option] is int \
-                    else float(value)
+                searched[option] = int(round(value)) if SEARCHABLE_OPTIONS[option] is int else float(value)
+        if fits is None or fits(student, searched):
+            point |= {student_option(student, option): value for option, value in searched.items()}
     return point
 
 
@@ -134,7 +143,7 @@ def distance(run: pd.Series, teacher_label: str, student_macs: Sequence[float], 
 
 
 def warm_points(sweep: SweepConfig, runs: pd.DataFrame, fingerprint: str, student_macs: Sequence[float],
-                quota: int) -> dict[str, list[WarmPoint]]:
+                quota: int, fits: Fits | None = None) -> dict[str, list[WarmPoint]]:
     """Per method, up to `quota` distinct points from the nearest pairs' best runs (nearest first, then val_acc)."""
     if sweep.warm_start == "off":
         return {}
@@ -145,7 +154,7 @@ def warm_points(sweep: SweepConfig, runs: pd.DataFrame, fingerprint: str, studen
         found: list[WarmPoint] = []
         for _, run in pool[pool["method"] == method].iterrows():
             student = match_student(sweep, run)
-            point = point_of_run(sweep, method, run, student)
+            point = point_of_run(sweep, method, run, student, fits)
             name = f"{run['sweep']}/{run['run_name']}" if isinstance(run["sweep"], str) else run["run_name"]
             found.append(WarmPoint(method, point, f"{name} ({run['run_id']})", float(run["val_acc"]),
                                    distance(run, sweep.teacher.label, student_macs, student)))
