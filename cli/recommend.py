@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from kdarena.training.record import Metric
 from kdarena.zoo.errors import UserError
 
 from .app import _fail, app, err, out
@@ -120,8 +121,9 @@ def recommend(
     for label, e in [("best", best), *((f"#{i}", e) for i, e in enumerate(answer["runner_ups"], start=2))]:
         if label == "#2":
             out.print("runner-ups:")
-        cost = " · ".join(f"{name} {e[key]:,.0f}" if key != "latency_ms" else f"{name} {e[key]:.2f} ms"
-                          for name, key in (("MACs", "macs"), ("params", "params"), ("latency", "latency_ms"))
+        cost = " · ".join(f"{name} {e[key]:,.0f}" if key != Metric.LATENCY_MS else f"{name} {e[key]:.2f} ms"
+                          for name, key in (("MACs", Metric.MACS), ("params", Metric.PARAMS),
+                                            ("latency", Metric.LATENCY_MS))
                           if e[key] is not None)
         out.print(f"  {label}: {e['student']} + {e['method']} (teacher {e['teacher'] or '—'}): {_evidence(e)}\n"
                   f"      {cost}; {_vs_alone(e)}\n      config: {e['key_hparams'] or '—'}", highlight=False)

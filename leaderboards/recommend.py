@@ -16,14 +16,16 @@ from typing import Any
 
 import pandas as pd
 
+from kdarena.training.record import Metric
+
 from .board import leaderboard
 
 #: budget option → the leaderboard column it limits
-BUDGET_COLUMNS = {"max_macs": "macs", "max_params": "params", "max_latency_ms": "latency_ms"}
+BUDGET_COLUMNS = {"max_macs": Metric.MACS, "max_params": Metric.PARAMS, "max_latency_ms": Metric.LATENCY_MS}
 BASELINE = "baseline"  # the student trained alone
 # what an entry of the answer carries, from its leaderboard row
 ENTRY_FIELDS = ("dataset", "teacher", "student", "method", "key_hparams", "test_acc_mean", "test_acc_std", "n_seeds",
-                "macs", "params", "latency_ms", "sweep", "source", "run_id")
+                Metric.MACS, Metric.PARAMS, Metric.LATENCY_MS, "sweep", "source", "run_id")
 
 
 @dataclass(frozen=True)
