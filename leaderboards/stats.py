@@ -68,13 +68,13 @@ def sample_std(values: Sequence[float]) -> float:
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The Student-t confidence interval of the mean, (low, high); (NaN, NaN) for fewer than two values."""
-    from scipy.stats import t
+    from scipy.special import stdtrit  # the t quantile; scipy.stats would add a second to every CLI call
 
     n = len(values)
     if n < 2:
         return math.nan, math.nan
     mean = sum(values) / n
-    half = float(t.ppf((1 + confidence) / 2, n - 1)) * sample_std(values) / math.sqrt(n)
+    half = float(stdtrit(n - 1, (1 + confidence) / 2)) * sample_std(values) / math.sqrt(n)
     return mean - half, mean + half
 
 
@@ -98,7 +98,7 @@ def paired_test(values: Mapping[int, float], reference: Mapping[int, float]) -> 
     Differences that are all equal have no spread: p is 1 if they are zero
     and 0 otherwise (the t statistic is infinite), as the t-test's limit.
     """
-    from scipy.stats import t
+    from scipy.special import stdtr  # the t distribution's CDF
 
     shared = sorted(set(values) & set(reference))
     diffs = [float(values[s]) - float(reference[s]) for s in shared]
@@ -112,7 +112,7 @@ def paired_test(values: Mapping[int, float], reference: Mapping[int, float]) -> 
     if sd == 0:
         return Paired(mean, n, 1.0 if mean == 0 else 0.0)
     statistic = mean / (sd / math.sqrt(n))
-    return Paired(mean, n, float(2 * t.sf(abs(statistic), n - 1)))
+    return Paired(mean, n, float(2 * stdtr(n - 1, -abs(statistic))))
 
 
 # -- what "best" means -----------------------------------------------------------------------------------------
