@@ -19,7 +19,7 @@ import pandas as pd
 
 from kdarena.training.record import Role, Status
 
-from .stats import best_first, paired_test, pareto_mask, sample_std, t_interval, tied_ranks
+from .stats import best_first, finite, paired_test, pareto_mask, sample_std, t_interval, tied_ranks
 from .text import format_hparams
 
 
@@ -95,13 +95,9 @@ def _one_run_per_seed(df: pd.DataFrame) -> pd.DataFrame:
 _CONFIG_ROLES = ("final", "train")
 
 
-def _known(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def _mean(values: list[float]) -> float:
     """The mean of the known values (as pandas' mean skips NaN); NaN if none is."""
-    known = [v for v in values if _known(v)]
+    known = [v for v in values if finite(v)]
     return sum(known) / len(known) if known else math.nan
 
 
@@ -116,11 +112,12 @@ def _pick(group: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     for role in _CONFIG_ROLES:
         runs = group[group["role"] == role]
         if not runs.empty:
-            configs: dict[str, list] = {}  # config -> [val_accs, macs, first start]; plain Python: ~100x pandas' agg
+            # config -> [val_accs, macs, first start], in plain Python: pandas' agg per group took seconds on 10,000 runs
+            configs: dict[str, list] = {}
             for config, val, macs, start in zip(runs["config_key"], runs["val_acc"], runs["macs"], runs["start_time"]):
                 entry = configs.setdefault(config, [[], macs, start])
                 entry[0].append(val)
-                entry[1] = entry[1] if _known(entry[1]) else macs
+                entry[1] = entry[1] if finite(entry[1]) else macs
                 entry[2] = min(entry[2], start)
             best = min(configs, key=lambda c: (best_first(_mean(configs[c][0]), configs[c][1], len(configs[c][0])),
                                                configs[c][2]))

@@ -11,7 +11,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 
-def _finite(x: float | None) -> bool:
+def finite(x: float | None) -> bool:
+    """A known number: not None, NaN or infinite."""
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
@@ -24,7 +25,7 @@ def pareto_mask(acc: Sequence[float], cost: Sequence[float]) -> list[bool]:
     if len(acc) != len(cost):
         raise ValueError(f"pareto_mask: {len(acc)} accuracies but {len(cost)} costs")
     mask = [False] * len(acc)
-    valid = [i for i in range(len(acc)) if _finite(acc[i]) and _finite(cost[i])]
+    valid = [i for i in range(len(acc)) if finite(acc[i]) and finite(cost[i])]
     # cheapest first, most accurate first among equal costs: a point is on the front iff it
     # beats the best accuracy of every strictly cheaper point and ties the best of its own cost
     valid.sort(key=lambda i: (float(cost[i]), -float(acc[i])))
@@ -124,8 +125,8 @@ def best_first(val_acc: float | None, macs: float | None, seeds: int) -> tuple[f
     lower cost in MACs, then more seeds. A missing val_acc sorts last, a
     missing cost after any known one.
     """
-    val = float(val_acc) if _finite(val_acc) else -math.inf
-    cost = float(macs) if _finite(macs) else math.inf
+    val = float(val_acc) if finite(val_acc) else -math.inf
+    cost = float(macs) if finite(macs) else math.inf
     return -val, cost, -int(seeds)
 
 
