@@ -70,32 +70,32 @@ def _ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[
     if not full:
         raise UserError(f"sweep '{sweep.name}' has no full-budget trial yet (all stopped early, diverged or still "
                         "running); resume it or give it a larger budget")
-    standing = _standing(records, full)
+    ranked = list(zip(full, _standing(records, full)))
     if len(sweep.objectives) > 1:
         cost = sweep.objectives[1][0]
-        front = pareto_front([(standing[r["key"]][0], r["metrics"][cost]) for r in full])
-        full = [full[i] for i in front]
+        front = pareto_front([(standing[0], r["metrics"][cost]) for r, standing in ranked])
+        ranked = [ranked[i] for i in front]
     elif top is None:
         top = 1
-    full.sort(key=lambda r: _rank(r, standing[r["key"]]))
+    ranked.sort(key=lambda pair: _rank(*pair))
     teacher_sha = records.data.get("teacher", {}).get("sha256")
     entries = []
-    for rank, record in enumerate(full[:top] if top else full, start=1):
+    for rank, (record, (val_acc_mean, seeds, _)) in enumerate(ranked[:top] if top else ranked, start=1):
         config = export_config(record["config"], teacher_sha)
-        val_acc_mean, seeds, _ = standing[record["key"]]
         entries.append({"rank": rank, "trial": record["trial_name"], "mlflow_run_id": record["run_id"],
                         "method": record["method"], **{k: record["metrics"].get(k) for k in SCORES},
                         "val_acc_mean": val_acc_mean, "n_seeds": seeds, "config": config})
     return sweep, entries
 
 
-def _point(record: dict[str, Any]) -> str:
-    """A run's Optuna point without its seed: a final run's equals the trial it re-runs."""
-    return json.dumps({k: v for k, v in record["trial_config"].items() if k != SEED}, sort_keys=True)
+def _point(record: dict[str, Any]) -> str | None:
+    """A run's Optuna point without its seed (a final run's equals the trial it re-runs); None if not recorded."""
+    point = record.get("trial_config")
+    return None if point is None else json.dumps({k: v for k, v in point.items() if k != SEED}, sort_keys=True)
 
 
-def _standing(records: SweepRecords, full: list[dict[str, Any]]) -> dict[str, tuple[float, int, bool]]:
-    """Per trial key: (mean val_acc, seeds, superseded), over the runs that stand for it on the leaderboard.
+def _standing(records: SweepRecords, full: list[dict[str, Any]]) -> list[tuple[float, int, bool]]:
+    """Per trial of `full`: (mean val_acc, seeds, superseded), over the runs that stand for it on the leaderboard.
 
     A trial re-run on final seeds stands on its completed finals; any other
     stands alone, superseded when its method and student have finals of
@@ -103,25 +103,25 @@ def _standing(records: SweepRecords, full: list[dict[str, Any]]) -> dict[str, tu
     """
     finals: dict[str, list[float]] = {}
     for r in records.trials.values():
-        if r["phase"] == "final" and r["status"] == Status.COMPLETED:
+        if r["phase"] == "final" and r["status"] == Status.COMPLETED and _point(r) is not None:
             finals.setdefault(_point(r), []).append(r["metrics"][Metric.VAL_ACC])
 
     def group(r: dict[str, Any]) -> tuple[str, str]:
-        return r["method"], r["tags"].get(Tag.STUDENT_LABEL, json.dumps(r["student"], sort_keys=True))
+        return r["method"], r.get("tags", {}).get(Tag.STUDENT_LABEL, json.dumps(r.get("student"), sort_keys=True))
 
     with_finals = {group(r) for r in full if _point(r) in finals}
-    out = {}
+    out = []
     for r in full:
         vals = finals.get(_point(r))
-        out[r["key"]] = ((sum(vals) / len(vals), len(vals), False) if vals else
-                         (r["metrics"][Metric.VAL_ACC], 1, group(r) in with_finals))
+        out.append((sum(vals) / len(vals), len(vals), False) if vals else
+                   (r["metrics"][Metric.VAL_ACC], 1, group(r) in with_finals))
     return out
 
 
 def _rank(record: dict[str, Any], standing: tuple[float, int, bool]) -> tuple:
     """Standing trials first, then by `best_first`, then the earlier trial (as the leaderboard breaks ties)."""
     val_acc_mean, seeds, superseded = standing
-    return superseded, best_first(val_acc_mean, record["metrics"].get(Metric.MACS), seeds), record["started"]
+    return superseded, best_first(val_acc_mean, record["metrics"].get(Metric.MACS), seeds), record.get("started", 0.0)
 
 
 def render(entries: list[dict[str, Any]], fmt: str) -> str:
