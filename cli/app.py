@@ -163,7 +163,8 @@ def _print_sweep_summary(cfg, outcome) -> None:
         m = record["metrics"]
         final = outcome.finals.get(method)
         of = f" of {outcome.final_seeds}" if final and final["n"] < outcome.final_seeds else ""
-        final_text = f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f} ({final['n']}{of} seeds)" if final else "—"
+        spread = f" ± {100 * final['std']:.2f}" if final and final["n"] > 1 else ""  # one seed has no spread
+        final_text = f"{100 * final['mean']:.2f}{spread} ({final['n']}{of} seeds)" if final else "—"
         table.add_row(method, record["tags"].get(Tag.STUDENT_LABEL, ""), _pct(m.get("val_acc")),
                       _pct(m.get("test_acc")), final_text, f"{int(m.get('macs', 0)):,}", key_params(record, limit=6))
     out.print(table)
@@ -239,7 +240,8 @@ def leaderboard(
     references: Annotated[bool, typer.Option("--references/--no-references", help="show the published results beside ours")] = True,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
 ) -> None:
-    """Rank the students by test accuracy beside their cost, with the Pareto front and the published results."""
+    """Rank the students (by val_acc, then MACs, then seeds) with test accuracy ± 95 % CI, the difference from the
+    student alone, their cost, the Pareto front and the published results."""
     from kdarena.leaderboards import board as lb
     from kdarena.leaderboards import references as refs_of
     from kdarena.leaderboards import render

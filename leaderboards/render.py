@@ -12,12 +12,13 @@ import pandas as pd
 
 from .board import cost_column
 from .references import REPORTED
-from .text import _num, accuracy_text, human
+from .text import LEGEND, _num, accuracy_text, human, rank_labels, versus_alone_text
 
 FORMATS = ("table", "markdown", "csv", "json")
 # the columns `--format csv|json` write, ours and the reported rows alike
 FIELDS = ["rank", "dataset", "teacher", "student", "method", "test_acc_mean", "test_acc_std", "n_seeds",
-          "params", "macs", "flops", "latency_ms", "key_hparams", "pareto", "source", "reported", "run_id",
+          "test_acc_ci_low", "test_acc_ci_high", "val_acc_mean", "vs_student_diff", "vs_student_n", "vs_student_p",
+          "distinguishable", "seeds", "test_accs", "params", "macs", "flops", "latency_ms", "key_hparams", "pareto", "source", "reported", "run_id",
           "sweep", "variant", "test_errors", "test_size", "note", "dataset_label", "dataset_fingerprint"]
 
 
@@ -27,12 +28,21 @@ QUICKSTART_COMMAND = "kdarena sweep --preset quickstart"
 def display_rows(rows: pd.DataFrame) -> list[dict[str, str]]:
     """Each row as the strings the terminal table and the Markdown export show."""
     out = []
-    for row in rows.to_dict("records"):
+    records = rows.to_dict("records")
+    ours = [r for r in records if not r.get("reported")]
+    # ranks count within a dataset: a rank two rows of one dataset share reads =N
+    shown = dict(zip(((r["dataset"], int(r["rank"])) for r in ours),
+                     rank_labels([int(r["rank"]) for r in ours], [r["dataset"] for r in ours])))
+    for row in records:
         reported = bool(row.get("reported"))
         method = row["method"] + (f" ({row['variant']})" if reported and row.get("variant") else "")
         latency = row["latency_ms"]
-        out.append({"rank": "ref" if reported else str(int(row["rank"])), "teacher": row["teacher"] or "—",
+        val = row.get("val_acc_mean")
+        out.append({"rank": "ref" if reported else shown[(row["dataset"], int(row["rank"]))],
+                    "teacher": row["teacher"] or "—",
                     "student": row["student"], "method": method, "test_acc": accuracy_text(row),
+                    "vs_alone": versus_alone_text(row),
+                    "val_acc": f"{100 * val:.2f} %" if _num(val) and not reported else "—",
                     "params": human(row["params"]),
                     "macs": human(row["macs"]) if _num(row["macs"]) or not _num(row.get("flops"))
                     else f"{human(row['flops'])} FLOPs",
@@ -42,7 +52,7 @@ def display_rows(rows: pd.DataFrame) -> list[dict[str, str]]:
 
 
 DISPLAY_HEADERS = {"rank": "rank", "teacher": "teacher", "student": "student", "method": "method",
-                   "test_acc": "test_acc", "params": "params", "macs": "MACs", "latency": "latency",
+                   "test_acc": "test_acc", "vs_alone": "vs alone", "val_acc": "val_acc", "params": "params", "macs": "MACs", "latency": "latency",
                    "hparams": "key hyper-parameters", "pareto": "Pareto", "source": "source"}
 
 
@@ -64,17 +74,15 @@ def markdown_report(rows: pd.DataFrame, *, by: str = "macs", title: str | None =
     for ds in dict.fromkeys(rows["dataset"].tolist()):
         part = rows[rows["dataset"] == ds]
         parts.append(f"## {ds}\n\n{markdown_table(part)}\n")
-    parts.append(f"★ = on the Pareto front of test accuracy vs {cost} (per dataset and teacher). test_acc is the "
-                 "mean ± sample std over final seeds, else one `kdarena train` run or the best full-budget trial "
-                 f"(chosen by val_acc). Rows marked `ref` are {REPORTED.rstrip(': ')}: published figures, never "
-                 "ranked among ours.\n")
+    parts.append(f"★ = on the Pareto front of test accuracy vs {cost} (per dataset and teacher). {LEGEND} Rows "
+                 f"marked `ref` are {REPORTED.rstrip(': ')}: published figures, never ranked among ours.\n")
     return "\n".join(parts)
 
 
 def frame_for_export(rows: pd.DataFrame) -> pd.DataFrame:
     """The CSV / JSON columns: counts as integers (or empty), flags as booleans."""
     frame = rows.reindex(columns=FIELDS).copy()
-    for col in ("rank", "n_seeds", "test_errors", "test_size"):
+    for col in ("rank", "n_seeds", "vs_student_n", "test_errors", "test_size"):
         frame[col] = frame[col].astype("Float64").round().astype("Int64")
     frame["pareto"] = frame["pareto"].astype(bool)
     frame["reported"] = frame["reported"].astype(bool)
@@ -101,13 +109,13 @@ def render(rows: pd.DataFrame, fmt: str, by: str, *, color: bool = False, width:
     console = Console(file=buffer, width=width, force_terminal=color, no_color=not color, highlight=False)
     cost = {"macs": "MACs", "params": "params", "latency": "latency"}[by]
     for ds in dict.fromkeys(rows["dataset"]):
-        table = Table(*DISPLAY_HEADERS.values(), title=f"{ds}: ranked by test accuracy; ★ = Pareto front vs {cost}")
+        table = Table(*DISPLAY_HEADERS.values(),
+                      title=f"{ds}: ranked by val_acc, then MACs, then seeds; ★ = Pareto front vs {cost}")
         for r, raw in zip(display_rows(rows[rows["dataset"] == ds]), rows[rows["dataset"] == ds]["reported"]):
             table.add_row(*(r[k] for k in DISPLAY_HEADERS), style="dim" if raw else None)
         console.print(table)
-    console.print("test_acc: mean ± sample std over final seeds, else one `kdarena train` run or the best full-budget "
-                  "trial (picked by val_acc)." + (" ref = reported (not reproduced): a published figure, shown for "
-                                                   "context, never ranked among ours." if rows["reported"].any() else ""),
+    console.print(LEGEND + (" ref = reported (not reproduced): a published figure, shown for context, never ranked "
+                            "among ours." if rows["reported"].any() else ""),
                   soft_wrap=True)
     return buffer.getvalue()
 

@@ -1,12 +1,18 @@
-"""Statistics of the leaderboard: the Pareto front of accuracy against a cost, and the spread over seeds."""
+"""Statistics of the leaderboard: the Pareto front, the spread over seeds, the paired test and what "best" means.
+
+Pure functions over numbers; `search/` imports them too, so the sweep, `export`
+and the leaderboard share one definition of "best".
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 
 
-def _finite(x: float | None) -> bool:
+def finite(x: float | None) -> bool:
+    """A known number: not None, NaN or infinite."""
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
@@ -19,7 +25,7 @@ def pareto_mask(acc: Sequence[float], cost: Sequence[float]) -> list[bool]:
     if len(acc) != len(cost):
         raise ValueError(f"pareto_mask: {len(acc)} accuracies but {len(cost)} costs")
     mask = [False] * len(acc)
-    valid = [i for i in range(len(acc)) if _finite(acc[i]) and _finite(cost[i])]
+    valid = [i for i in range(len(acc)) if finite(acc[i]) and finite(cost[i])]
     # cheapest first, most accurate first among equal costs: a point is on the front iff it
     # beats the best accuracy of every strictly cheaper point and ties the best of its own cost
     valid.sort(key=lambda i: (float(cost[i]), -float(acc[i])))
@@ -46,10 +52,87 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return [i for i, on in enumerate(mask) if on]
 
 
+# -- the spread over seeds, and how a row compares with the student alone --------------------------------------
+#: the confidence of every interval and the level of every test the leaderboard shows
+CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
+
+
 def sample_std(values: Sequence[float]) -> float:
-    """The sample standard deviation (n − 1); 0 for fewer than two values."""
+    """The sample standard deviation (n − 1); NaN for fewer than two values (one seed says nothing of the spread)."""
     n = len(values)
     if n < 2:
-        return 0.0
+        return math.nan
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Student-t confidence interval of the mean, (low, high); (NaN, NaN) for fewer than two values."""
+    from scipy.special import stdtrit  # the t quantile; scipy.stats would add a second to every CLI call
+
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    half = float(stdtrit(n - 1, (1 + confidence) / 2)) * sample_std(values) / math.sqrt(n)
+    return mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A row against a reference over the seeds both ran: paired seeds share data order and initial weights."""
+
+    diff: float  # mean of (row − reference) over the shared seeds; NaN when they share none
+    n: int  # shared seeds
+    p_value: float  # two-sided paired t-test; NaN with fewer than two shared seeds
+
+    @property
+    def distinguishable(self) -> bool | None:
+        """p < ALPHA; None when there is no test (fewer than two shared seeds)."""
+        return None if math.isnan(self.p_value) else bool(self.p_value < ALPHA)
+
+
+def paired_test(values: Mapping[int, float], reference: Mapping[int, float]) -> Paired:
+    """The paired t-test of `values` against `reference`, both keyed by seed, over the seeds both have.
+
+    Differences that are all equal have no spread: p is 1 if they are zero
+    and 0 otherwise (the t statistic is infinite), as the t-test's limit.
+    """
+    from scipy.special import stdtr  # the t distribution's CDF
+
+    shared = sorted(set(values) & set(reference))
+    diffs = [float(values[s]) - float(reference[s]) for s in shared]
+    n = len(diffs)
+    if n == 0:
+        return Paired(math.nan, 0, math.nan)
+    mean = sum(diffs) / n
+    if n < 2:
+        return Paired(mean, n, math.nan)
+    sd = sample_std(diffs)
+    if sd == 0:
+        return Paired(mean, n, 1.0 if mean == 0 else 0.0)
+    statistic = mean / (sd / math.sqrt(n))
+    return Paired(mean, n, float(2 * stdtr(n - 1, -abs(statistic))))
+
+
+# -- what "best" means -----------------------------------------------------------------------------------------
+def best_first(val_acc: float | None, macs: float | None, seeds: int) -> tuple[float, float, int]:
+    """The sort key of "best", shared by the leaderboard, `kdarena export` and a sweep's choice of finals.
+
+    Best first when sorted ascending: the higher mean val_acc of the runs that
+    stand (never test accuracy: the test set is only for reporting), then the
+    lower cost in MACs, then more seeds. A missing val_acc sorts last, a
+    missing cost after any known one.
+    """
+    val = float(val_acc) if finite(val_acc) else -math.inf
+    cost = float(macs) if finite(macs) else math.inf
+    return -val, cost, -int(seeds)
+
+
+def tied_ranks(keys: Sequence[Hashable]) -> list[int]:
+    """Competition ranks of keys already sorted best first: equal keys share a rank (1, 1, 3)."""
+    ranks: list[int] = []
+    for i, key in enumerate(keys):
+        ranks.append(ranks[-1] if i and key == keys[i - 1] else i + 1)
+    return ranks

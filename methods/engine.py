@@ -103,6 +103,13 @@ def eval_loader(split: Split, data: Dataset, device: torch.device, batch_size: i
                        channels_last=device.type == "cuda")
 
 
+def training_loader(distiller: Distiller, data: Dataset, recipe: Recipe, device: torch.device) -> BatchLoader:
+    """The shuffled, augmented training batches: their order depends on the recipe's seed alone, never the method."""
+    return BatchLoader(data.train, batch_size=recipe.batch_size, mean=data.mean, std=data.std, device=device,
+                       shuffle=True, augment=recipe.augment_for(data), seed=recipe.seed,
+                       channels_last=device.type == "cuda", strong=distiller.strong_view)
+
+
 def train_step(distiller: Distiller, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                step: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step of any method: its adversaries' updates, then the student's."""
@@ -138,9 +145,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
     if cuda:
         distiller.to(memory_format=torch.channels_last)
 
-    train_loader = BatchLoader(data.train, batch_size=recipe.batch_size, mean=data.mean, std=data.std,
-                               device=device, shuffle=True, augment=recipe.augment_for(data), seed=recipe.seed,
-                               channels_last=cuda, strong=distiller.strong_view)
+    train_loader = training_loader(distiller, data, recipe, device)
     val_loader = eval_loader(data.val, data, device)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(distiller.student_optimizer_parameters(), recipe)

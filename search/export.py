@@ -1,9 +1,13 @@
 """`kdarena export`: a sweep's best trials as complete `kdarena train` configs.
 
-Only full-budget trials rank (ASHA-stopped ones saw fewer epochs). With one
-objective, the top K by val_acc; with an accuracy-vs-cost objective, the
-Pareto set. Each config pins the trial's seed, thread count and teacher
-sha256, so `kdarena train` re-runs the trial exactly.
+Only full-budget trials rank (ASHA-stopped ones saw fewer epochs), by the
+leaderboard's "best" (`leaderboards.stats.best_first`: mean val_acc, then
+MACs, then seeds) over the runs that stand for them, as the leaderboard does:
+a trial re-run on final seeds stands on those finals, and a trial whose
+method and student have finals of another config ranks after every trial
+that stands. With one objective, the top K; with an accuracy-vs-cost
+objective, the Pareto set. Each config pins the trial's seed, thread count
+and teacher sha256, so `kdarena train` re-runs the trial exactly.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kdarena.leaderboards.stats import pareto_front
+from kdarena.leaderboards.stats import best_first, pareto_front
 from kdarena.methods import get_method
 from kdarena.zoo.errors import UserError
 
 from kdarena.training.config import config_yaml, export_config
-from kdarena.training.record import Metric
+from kdarena.training.record import Metric, Status, Tag
 
+from .points import SEED
 from .records import RECORDS_FILE, SWEEP_FILE, SweepRecords, full_budget, sweep_paths
 from .sweep_config import SweepConfig, load_sweep
 
@@ -65,20 +70,58 @@ def _ranked_trials(sweep_dir: Path, top: int | None) -> tuple[SweepConfig, list[
     if not full:
         raise UserError(f"sweep '{sweep.name}' has no full-budget trial yet (all stopped early, diverged or still "
                         "running); resume it or give it a larger budget")
+    ranked = list(zip(full, _standing(records, full)))
     if len(sweep.objectives) > 1:
         cost = sweep.objectives[1][0]
-        front = pareto_front([(r["metrics"]["val_acc"], r["metrics"][cost]) for r in full])
-        full = [full[i] for i in front]
+        front = pareto_front([(standing[0], r["metrics"][cost]) for r, standing in ranked])
+        ranked = [ranked[i] for i in front]
     elif top is None:
         top = 1
-    full.sort(key=lambda r: -r["metrics"]["val_acc"])
+    ranked.sort(key=lambda pair: _rank(*pair))
     teacher_sha = records.data.get("teacher", {}).get("sha256")
     entries = []
-    for rank, record in enumerate(full[:top] if top else full, start=1):
+    for rank, (record, (val_acc_mean, seeds, _)) in enumerate(ranked[:top] if top else ranked, start=1):
         config = export_config(record["config"], teacher_sha)
         entries.append({"rank": rank, "trial": record["trial_name"], "mlflow_run_id": record["run_id"],
-                        "method": record["method"], **{k: record["metrics"].get(k) for k in SCORES}, "config": config})
+                        "method": record["method"], **{k: record["metrics"].get(k) for k in SCORES},
+                        "val_acc_mean": val_acc_mean, "n_seeds": seeds, "config": config})
     return sweep, entries
+
+
+def _point(record: dict[str, Any]) -> str | None:
+    """A run's Optuna point without its seed (a final run's equals the trial it re-runs); None if not recorded."""
+    point = record.get("trial_config")
+    return None if point is None else json.dumps({k: v for k, v in point.items() if k != SEED}, sort_keys=True)
+
+
+def _standing(records: SweepRecords, full: list[dict[str, Any]]) -> list[tuple[float, int, bool]]:
+    """Per trial of `full`: (mean val_acc, seeds, superseded), over the runs that stand for it on the leaderboard.
+
+    A trial re-run on final seeds stands on its completed finals; any other
+    stands alone, superseded when its method and student have finals of
+    another config (the leaderboard's row for them is those finals).
+    """
+    finals: dict[str, list[float]] = {}
+    for r in records.trials.values():
+        if r["phase"] == "final" and r["status"] == Status.COMPLETED and _point(r) is not None:
+            finals.setdefault(_point(r), []).append(r["metrics"][Metric.VAL_ACC])
+
+    def group(r: dict[str, Any]) -> tuple[str, str]:
+        return r["method"], r.get("tags", {}).get(Tag.STUDENT_LABEL, json.dumps(r.get("student"), sort_keys=True))
+
+    with_finals = {group(r) for r in full if _point(r) in finals}
+    out = []
+    for r in full:
+        vals = finals.get(_point(r))
+        out.append((sum(vals) / len(vals), len(vals), False) if vals else
+                   (r["metrics"][Metric.VAL_ACC], 1, group(r) in with_finals))
+    return out
+
+
+def _rank(record: dict[str, Any], standing: tuple[float, int, bool]) -> tuple:
+    """Standing trials first, then by `best_first`, then the earlier trial (as the leaderboard breaks ties)."""
+    val_acc_mean, seeds, superseded = standing
+    return superseded, best_first(val_acc_mean, record["metrics"].get(Metric.MACS), seeds), record.get("started", 0.0)
 
 
 def render(entries: list[dict[str, Any]], fmt: str) -> str:
@@ -86,7 +129,8 @@ def render(entries: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(entries, indent=2)
     docs = []
     for e in entries:
-        head = (f"# rank {e['rank']}: {e['method']}, trial {e['trial']}, val_acc {e[Metric.VAL_ACC]:.4f}, "
+        seeds = f" (mean {e['val_acc_mean']:.4f} over {e['n_seeds']} seeds)" if e["n_seeds"] > 1 else ""
+        head = (f"# rank {e['rank']}: {e['method']}, trial {e['trial']}, val_acc {e[Metric.VAL_ACC]:.4f}{seeds}, "
                 f"test_acc {e[Metric.TEST_ACC]:.4f}, MLflow run {e['mlflow_run_id']}\n"
                 f"# re-run: kdarena train THIS_FILE\n")
         docs.append(head + config_yaml(e["config"]))

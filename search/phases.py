@@ -120,11 +120,16 @@ def search(phase: Phase, warm: dict[str, list[WarmPoint]] | None = None) -> None
     phase.raise_if_interrupted("trial", quota * len(searchers))
 
 
+def final_seeds(sweep: SweepConfig, seeds: int) -> list[int]:
+    """The final runs' seeds, one list for every method: seed i of each method shares data order and initial student."""
+    return [sweep.train.seed + i for i in range(seeds)]
+
+
 def final_runs(phase: Phase, best: dict[str, dict[str, Any]], seeds: int) -> dict[str, dict[str, Any]]:
-    """Each method's best config on `seeds` seeds: the mean ± std test accuracy the leaderboard ranks."""
+    """Each method's best config on the same `final_seeds`: the test accuracies the leaderboard pairs by seed."""
     if not phase.restore("final"):
-        points = [final_point(record["trial_config"], record["config"]["train"]["seed"] + i)
-                  for record in best.values() for i in range(seeds)]
+        points = [final_point(record["trial_config"], seed)
+                  for record in best.values() for seed in final_seeds(phase.sweep, seeds)]
         if not points:
             return {}
         tune.Tuner(

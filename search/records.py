@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdarena.leaderboards.stats import sample_std
+from kdarena.leaderboards.stats import best_first, sample_std
 from kdarena.training.record import Metric, Status
 from kdarena.zoo.errors import UserError
 
@@ -144,17 +144,16 @@ def full_budget(records: SweepRecords, epochs: int, phase: str = "trial") -> lis
 
 
 def best_trials(records: SweepRecords, epochs: int) -> dict[str, dict[str, Any]]:
-    """Per method, the full-budget trial with the highest val_acc."""
+    """Per method, its best full-budget trial by `best_first` (val_acc, then MACs), then the earlier one."""
     best: dict[str, dict[str, Any]] = {}
-    for record in full_budget(records, epochs):
-        current = best.get(record["method"])
-        if current is None or record["metrics"][Metric.VAL_ACC] > current["metrics"][Metric.VAL_ACC]:
-            best[record["method"]] = record
+    for record in sorted(full_budget(records, epochs), key=lambda r: (
+            best_first(r["metrics"][Metric.VAL_ACC], r["metrics"].get(Metric.MACS), 1), r["started"])):
+        best.setdefault(record["method"], record)
     return best
 
 
 def final_stats(records: SweepRecords) -> dict[str, dict[str, Any]]:
-    """Per method, its final runs' test accuracy: mean, sample std, how many seeds, each seed's."""
+    """Per method, its final runs' test accuracy: mean, sample std (NaN for one seed), how many seeds, each seed's."""
     by_method: dict[str, list[float]] = {}
     for record in records.trials.values():
         if record["phase"] == "final" and record["status"] == Status.COMPLETED:

@@ -33,6 +33,7 @@ from kdarena.leaderboards import board as lb_board
 from kdarena.leaderboards import references as lb_refs
 from kdarena.leaderboards import runs as lb_runs
 from kdarena.leaderboards.render import QUICKSTART_COMMAND as QUICKSTART
+from kdarena.leaderboards.text import rank_labels
 from kdarena.dashboard.views.charts import MIN_FANOVA_TRIALS, leaderboard_figure, method_colours
 from kdarena.cli.app import app as cli
 from kdarena.training.config import parse_config
@@ -98,9 +99,17 @@ def test_leaderboard_ranks_filters_and_marks_the_pareto_front(swept_app: AppTest
     table = _table(at)
     expected = lb_board.leaderboard(lb_runs.load_runs(swept_store["tracking_uri"]), dataset="digits")
     assert table["run_id"].tolist() == expected["run_id"].tolist()
-    assert table["rank"].tolist() == list(range(1, len(table) + 1))
+    # ranked by val_acc; a rank two rows share reads =N
+    assert table["rank"].tolist() == rank_labels(expected["rank"].tolist(), expected["dataset"].tolist())
     assert {"kd", "baseline"} <= set(table["method"]) and "fitnets" not in set(table["method"])  # diverged: never ranks
-    assert (table["test_acc_mean"].diff().dropna() <= 0).all()  # percent, best first
+    assert (table["val_acc_mean"].diff().dropna() <= 0).all()  # percent, best first
+    # rows not shown to differ from the student alone are marked; the student alone is the reference
+    for shown, row in zip(table["vs_alone"], expected.to_dict("records")):
+        if row["method"] == "baseline" or row["vs_student_n"] == 0:
+            assert shown == "—"
+        else:
+            assert shown.startswith("≈") == (row["distinguishable"] is not True), (shown, row)
+            assert f"{100 * row['vs_student_diff']:+.2f}" in shown
     _check_pareto(table, "macs")
 
     # the chart marks exactly the table's Pareto rows (stars) and draws the front through them

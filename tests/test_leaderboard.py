@@ -26,7 +26,7 @@ from kdarena.leaderboards import references as lb_refs
 from kdarena.leaderboards import runs as lb_runs
 from kdarena.leaderboards import sweeps as lb_sweeps
 from kdarena.leaderboards import text as lb_text
-from kdarena.leaderboards.stats import pareto_front, pareto_mask
+from kdarena.leaderboards.stats import best_first, pareto_front, pareto_mask, tied_ranks
 from kdarena.leaderboards.references import COLUMNS, load_references, load_sources
 from kdarena.methods import METHODS
 from kdarena.cli.app import app
@@ -222,7 +222,7 @@ def test_group_prefers_final_then_train_then_best_trial_by_val_acc():
     assert (board.loc["at", "source"], board.loc["at", "test_acc_mean"]) == ("train", pytest.approx(0.70))
     assert (board.loc["fsp", "source"], board.loc["fsp", "test_acc_mean"], board.loc["fsp", "n_seeds"]) == \
         ("trial", pytest.approx(0.60), 1)
-    assert board.loc["fsp", "test_acc_std"] == 0.0
+    assert math.isnan(board.loc["fsp", "test_acc_std"])  # one seed says nothing of the spread
 
 
 def test_only_completed_full_budget_runs_rank_and_duplicates_count_once():
@@ -243,9 +243,9 @@ def test_only_completed_full_budget_runs_rank_and_duplicates_count_once():
 
 def test_two_sweeps_finals_never_mix():
     runs = fake_runs([
-        {"role": "final", "test_acc": 0.70, "config_key": "a", "sweep": "one"},
-        {"role": "final", "test_acc": 0.72, "config_key": "a", "sweep": "one"},
-        {"role": "final", "test_acc": 0.90, "config_key": "b", "sweep": "two"},
+        {"role": "final", "test_acc": 0.70, "config_key": "a", "sweep": "one", "seed": 0.0},
+        {"role": "final", "test_acc": 0.72, "config_key": "a", "sweep": "one", "seed": 1.0},
+        {"role": "final", "test_acc": 0.90, "config_key": "b", "sweep": "two", "val_acc": 0.6},
     ])
     row = lb_board.leaderboard(runs).iloc[0]
     assert (row["test_acc_mean"], row["n_seeds"], row["sweep"]) == (pytest.approx(0.90), 1, "two")
@@ -266,9 +266,9 @@ def test_pareto_marks_match_brute_force_on_random_boards(by):
     for _, group in board.groupby(["dataset", "teacher"]):
         front = brute_front(group["test_acc_mean"].tolist(), group[cost].tolist())
         assert {i for i, on in enumerate(group["pareto"]) if on} == front
-    for _, group in board.groupby("dataset"):  # ranked best first within the dataset
+    for _, group in board.groupby("dataset"):  # ranked best first within the dataset, by val_acc (no ties here)
         assert group["rank"].tolist() == list(range(1, len(group) + 1))
-        assert group["test_acc_mean"].is_monotonic_decreasing
+        assert group["val_acc_mean"].is_monotonic_decreasing
 
 
 def test_filters_apply_before_the_front():
@@ -339,7 +339,8 @@ def test_leaderboard_ranks_only_completed_full_budget_runs(store):
             assert run.data.tags["kdarena.student_label"] == row.student
     assert not board.duplicated(["dataset", "teacher", "student", "method"]).any()
     assert set(board.columns) >= set(lb_board.LEADERBOARD_COLUMNS)
-    assert board["rank"].tolist() == list(range(1, len(board) + 1))  # one dataset: digits
+    keys = [best_first(v, m, n) for v, m, n in zip(board["val_acc_mean"], board["macs"], board["n_seeds"])]
+    assert keys == sorted(keys) and board["rank"].tolist() == tied_ranks(keys)  # one dataset: digits
 
 
 def test_final_runs_aggregate_over_seeds(store):

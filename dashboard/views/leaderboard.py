@@ -1,10 +1,15 @@
-"""Leaderboard: students ranked by test accuracy, against their cost, beside the published results."""
+"""Leaderboard: students ranked by val_acc, their test accuracy against their cost, beside the published results.
+
+Rows not shown to differ from the student trained alone (paired t-test over
+shared seeds, p ≥ 0.05, or too few shared seeds) are marked ≈ in "vs alone".
+"""
 
 import pandas as pd
 import streamlit as st
 
 from kdarena.dashboard.views import SWEEPS_PAGE, cached_leaderboard, cached_references, finite, open_run, page_runs
 from kdarena.dashboard.views.charts import COSTS, leaderboard_figure, method_colours
+from kdarena.leaderboards.text import LEGEND, rank_labels, versus_alone_text
 
 ALL = "All"
 AXES = {"MACs": "macs", "params": "params", "latency": "latency"}
@@ -78,11 +83,11 @@ if board.empty:
 else:
     column = COSTS[by][0]
     shown_cost = board[column].notna().sum()
-    st.caption(f"{len(board)} students (dataset, teacher, student, method), mean ± std test accuracy over seeds; "
-               f"★ = on the Pareto front of test accuracy vs {axis}"
+    st.caption(f"{len(board)} students (dataset, teacher, student, method); ★ = on the Pareto front of test accuracy "
+               f"vs {axis}"
                + (f" ({len(board) - shown_cost} without a {axis} figure are not drawn)" if shown_cost < len(board) else "")
                + ". Hollow markers: published results. Methods of equal cost are spread a little sideways. "
-               "Click a point to open its run.")
+               "Click a point to open its run. " + LEGEND)
 colours = method_colours(list(board["method"].dropna().astype(str)) + list(refs["method"].dropna().astype(str)))
 if len(board) or len(refs):
     event = st.plotly_chart(leaderboard_figure(board, refs, by, colours), key="lb_chart", on_select="rerun",
@@ -93,18 +98,24 @@ if len(board) or len(refs):
             open_run(str(data[0]))
 
 if len(board):
-    table = board.assign(pareto=board["pareto"].fillna(False).astype(bool),
-                         test_acc_mean=100 * pd.to_numeric(board["test_acc_mean"], errors="coerce"),
-                         test_acc_std=(100 * pd.to_numeric(board["test_acc_std"], errors="coerce"))
-                         .where(pd.to_numeric(board["n_seeds"], errors="coerce") > 1))  # no spread from one run
-    columns = ["rank", "pareto", "student", "method", "teacher", "test_acc_mean", "test_acc_std", "n_seeds", "params",
-               "macs", "latency_ms", "key_hparams", "run_id"]
+    acc = 100 * pd.to_numeric(board["test_acc_mean"], errors="coerce")
+    table = board.assign(rank=rank_labels(board["rank"].astype(int).tolist(), board["dataset"].astype(str).tolist()),
+                         pareto=board["pareto"].fillna(False).astype(bool), test_acc_mean=acc,
+                         # the 95 % CI's half-width; none from one seed
+                         test_acc_ci=100 * pd.to_numeric(board["test_acc_ci_high"], errors="coerce") - acc,
+                         val_acc_mean=100 * pd.to_numeric(board["val_acc_mean"], errors="coerce"),
+                         vs_alone=[versus_alone_text(r) for r in board.to_dict("records")])
+    columns = ["rank", "pareto", "student", "method", "teacher", "val_acc_mean", "test_acc_mean", "test_acc_ci", "n_seeds",
+               "vs_alone", "params", "macs", "latency_ms", "key_hparams", "run_id"]
     st.dataframe(table[[c for c in columns if c in table]], hide_index=True, key="lb_table", placeholder="—", column_config={
-        "rank": st.column_config.NumberColumn("#", width="small"),
+        "rank": st.column_config.TextColumn("#", width="small", help="=N: tied with another row on the ranking key"),
         "pareto": st.column_config.CheckboxColumn("★ Pareto", width="small"),
+        "val_acc_mean": st.column_config.NumberColumn("val acc (%)", format="%.2f", help="ranks the rows"),
         "test_acc_mean": st.column_config.NumberColumn("test acc (%)", format="%.2f"),
-        "test_acc_std": st.column_config.NumberColumn("± std", format="%.2f"),
+        "test_acc_ci": st.column_config.NumberColumn("± 95 % CI", format="%.2f"),
         "n_seeds": st.column_config.NumberColumn("seeds", width="small"),
+        "vs_alone": st.column_config.TextColumn("vs alone (pp)", help="paired difference in test accuracy from the "
+                                                "student trained alone; ≈ = not distinguishable from it"),
         "params": st.column_config.NumberColumn("params", format="localized"),
         "macs": st.column_config.NumberColumn("MACs", format="localized"),
         "latency_ms": st.column_config.NumberColumn("latency (ms)", format="%.3f"),
