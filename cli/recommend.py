@@ -40,7 +40,8 @@ def _pct(value: float | None) -> str:
 def _evidence(e: dict[str, Any]) -> str:
     ci = f" (95 % CI {_pct(e['ci95'][0])}–{_pct(e['ci95'][1])})" if e.get("ci95") else ""
     where = f"sweep {e['sweep']}" if isinstance(e.get("sweep"), str) else "kdarena train"
-    return f"{_pct(e['test_acc_mean'])} %{ci}, {e['n_seeds']} seed(s), {e['source']} runs of {where}"
+    return (f"test acc {_pct(e['test_acc_mean'])} %{ci}, val acc {_pct(e['val_acc_mean'])} %, {e['n_seeds']} seed(s), "
+            f"{e['source']} runs of {where}")
 
 
 def _vs_alone(e: dict[str, Any]) -> str:
@@ -49,7 +50,11 @@ def _vs_alone(e: dict[str, Any]) -> str:
         return "is the student alone"
     if alone is None:
         return "no run of the student alone to compare"
-    return f"{100 * alone['difference']:+.2f} points vs the student alone ({_pct(alone['student_alone_test_acc'])} %)"
+    text = f"{100 * alone['difference']:+.2f} points vs the student alone ({_pct(alone['student_alone_test_acc'])} %)"
+    if alone["p_value"] is None:
+        return text + f" ({alone['paired_seeds']} paired seed(s): too few to test)"
+    verdict = "distinguishable" if alone["distinguishable"] else "not distinguishable"
+    return text + f" ({verdict}: paired t-test p = {alone['p_value']:.3g} over {alone['paired_seeds']} seeds)"
 
 
 def _gather_text(dataset: str, teacher: str | None, budget) -> str:
@@ -118,8 +123,11 @@ def recommend(
         print(json.dumps(answer, indent=2, default=str))
         return
     out.print(f"{dataset}: the best within {answer['budget']}", highlight=False)
-    for label, e in [("best", best), *((f"#{i}", e) for i, e in enumerate(answer["runner_ups"], start=2))]:
-        if label == "#2":
+    ranks = [e["rank"] for e in (best, *answer["runner_ups"])]
+    for e in (best, *answer["runner_ups"]):
+        tied = ranks.count(e["rank"]) > 1
+        label = ("best" if e is best else f"#{e['rank']}") + (" (tied)" if tied else "")
+        if answer["runner_ups"] and e is answer["runner_ups"][0]:
             out.print("runner-ups:")
         cost = " · ".join(f"{name} {e[key]:,.0f}" if key != Metric.LATENCY_MS else f"{name} {e[key]:.2f} ms"
                           for name, key in (("MACs", Metric.MACS), ("params", Metric.PARAMS),

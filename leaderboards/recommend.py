@@ -24,7 +24,8 @@ from .board import leaderboard
 BUDGET_COLUMNS = {"max_macs": Metric.MACS, "max_params": Metric.PARAMS, "max_latency_ms": Metric.LATENCY_MS}
 BASELINE = "baseline"  # the student trained alone
 # what an entry of the answer carries, from its leaderboard row
-ENTRY_FIELDS = ("dataset", "teacher", "student", "method", "key_hparams", "test_acc_mean", "test_acc_std", "n_seeds",
+ENTRY_FIELDS = ("dataset", "teacher", "student", "method", "key_hparams", "val_acc_mean", "test_acc_mean", "test_acc_std",
+                "n_seeds",
                 Metric.MACS, Metric.PARAMS, Metric.LATENCY_MS, "sweep", "source", "run_id")
 
 
@@ -50,14 +51,20 @@ def _number(value: Any) -> float | None:
 def _entry(row: pd.Series, alone: pd.Series | None) -> dict[str, Any]:
     entry = {k: (_number(row[k]) if isinstance(row[k], float) else row[k]) for k in ENTRY_FIELDS}
     entry["n_seeds"] = int(row["n_seeds"])
-    entry["ci95"] = [_number(row.get("ci95_low")), _number(row.get("ci95_high"))] \
-        if "ci95_low" in row and _number(row.get("ci95_low")) is not None else None
-    if alone is None:
+    entry["rank"] = int(row["rank"])  # shared by ties
+    low, high = _number(row["test_acc_ci_low"]), _number(row["test_acc_ci_high"])
+    entry["ci95"] = None if low is None else [low, high]
+    if alone is None or row["method"] == BASELINE:
         entry["vs_student_alone"] = None
     else:
-        entry["vs_student_alone"] = {"student_alone_test_acc": _number(alone["test_acc_mean"]),
-                                     "difference": _number(row["test_acc_mean"] - alone["test_acc_mean"]),
-                                     "n_seeds": int(alone["n_seeds"])}
+        p_value = _number(row["vs_student_p"])
+        entry["vs_student_alone"] = {
+            "student_alone_test_acc": _number(alone["test_acc_mean"]),
+            # over the seeds both share when there are any (paired), else the difference of the means
+            "difference": _number(row["vs_student_diff"]) if _number(row["vs_student_diff"]) is not None
+            else _number(row["test_acc_mean"] - alone["test_acc_mean"]),
+            "paired_seeds": int(row["vs_student_n"]) if _number(row["vs_student_n"]) is not None else 0,
+            "p_value": p_value, "distinguishable": bool(row["distinguishable"]) if p_value is not None else None}
     return entry
 
 
@@ -84,7 +91,9 @@ def recommend(runs: pd.DataFrame, dataset: str, teacher: str | None = None, budg
                             f"{budget.column}")
         return answer
     alone = {(r["dataset"], r["teacher"], r["student"]): r for _, r in board[board["method"] == BASELINE].iterrows()}
-    entries = [_entry(row, alone.get((row["dataset"], row["teacher"], row["student"])))
+    # the student alone on the same pair, else the same student trained alone without a teacher (as the board pairs)
+    entries = [_entry(row, alone.get((row["dataset"], row["teacher"], row["student"]),
+                                     alone.get((row["dataset"], "", row["student"]))))
                for _, row in fits.head(1 + runner_ups).iterrows()]
     answer["recommendation"], answer["runner_ups"] = entries[0], entries[1:]
     return answer
