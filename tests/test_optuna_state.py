@@ -9,7 +9,13 @@ failed trial, a multi-objective study, a resumed sweep's replay.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -17,6 +23,8 @@ import pytest
 import ray
 import yaml
 from typer.testing import CliRunner
+
+from helpers import free_port
 
 from kdarena.cli.app import app
 from kdarena.search.per_method import MethodStudy
@@ -96,6 +104,36 @@ def test_every_trial_ends_in_its_study_as_records_json_says(told_sweep):
     assert baseline.best_trial.user_attrs["kdarena.trial_key"] == max(
         (r for r in trials.values() if r["status"] == "completed" and r["method"] == "baseline"),
         key=lambda r: r["metrics"]["val_acc"])["key"]
+
+
+def test_optuna_dashboard_opened_once_on_the_sweep_shows_every_method_as_kdarena_does(told_sweep):
+    """The README's command, `optuna-dashboard SWEEP_DIR/optuna.journal`, served on 127.0.0.1 and read over HTTP."""
+    trials = SweepRecords(SweepPaths(told_sweep).records).trials
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), str(SweepPaths(told_sweep).studies),
+                             "--host", "127.0.0.1", "--port", str(port), "--server", "wsgiref", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api/studies"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                studies = json.load(urllib.request.urlopen(api, timeout=5))["study_summaries"]
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no answer"
+                time.sleep(0.3)
+        assert sorted(s["study_name"] for s in studies) == ["baseline", "kd"]
+        shown = {}
+        for summary in studies:
+            for trial in json.load(urllib.request.urlopen(f"{api}/{summary['study_id']}", timeout=30))["trials"]:
+                key = {a["key"]: a["value"] for a in trial["user_attrs"]}["kdarena.trial_key"]
+                shown[key] = (summary["study_name"], trial["state"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    as_shown = {"completed": "Complete", "early-stopped": "Pruned", "diverged": "Fail", "failed": "Fail"}
+    assert shown == {key: (r["method"], as_shown[r["status"]]) for key, r in trials.items()}
 
 
 def _study(tmp_path: Path, objective: str | list[str]) -> MethodStudy:

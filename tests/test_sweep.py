@@ -283,6 +283,9 @@ def test_resume_after_the_driver_is_stopped_loses_nothing_and_duplicates_nothing
         assert steps == list(range(1, epochs + 1)), (run.info.run_name, steps)
     # the Optuna studies went on where they were: the same history, numbering continued, every trial complete
     import optuna
+
+    from kdarena.search.phases import study_storage
+    from kdarena.search.records import SweepPaths
     for method in ("baseline", "kd"):
         study = optuna.load_study(study_name=method, storage=study_storage(SweepPaths(root)))
         numbers = [t.number for t in study.trials]
