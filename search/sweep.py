@@ -138,8 +138,7 @@ def check_storage(paths: SweepPaths, resume: bool) -> None:
                         "or give the sweep another name")
     if resume and not exists:
         raise UserError(f"nothing to resume: no sweep results in {paths.root}; run without --resume to start it")
-    older = paths.older_studies()
-    if resume and older:
+    if resume and (older := paths.older_studies()):
         # Ray's saved searcher holds each study in its own journal: continuing it would split the sweep's studies
         raise UserError(f"sweep '{paths.root.name}' was started by an older kdarena that kept one Optuna journal per "
                         f"method ({', '.join(p.name for p in older)}); this one keeps every method's study in "
