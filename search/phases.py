@@ -16,14 +16,13 @@ from typing import Any
 import optuna
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.search.optuna import OptunaSearch
 
 from kdarena.training.record import Metric, Status
 
 from .checkpoints import repair
 from .constraints import CostBounds
 from .mirror import TRACKING_ERRORS
-from .per_method import PerMethodASHA, PerMethodSearch
+from .per_method import MethodStudy, PerMethodASHA, PerMethodSearch
 from .points import POINT, DefineByRun, Describe, final_point
 from .recorder import MLflowRecorder
 from .records import SweepPaths, epochs_done, final_stats, trial_id_of
@@ -98,12 +97,13 @@ def search(phase: Phase, warm: dict[str, list[WarmPoint]] | None = None) -> None
     modes = [mode for _, mode in sweep.objectives]
     metric, mode = (metrics, modes) if len(metrics) > 1 else (metrics[0], modes[0])
     searchers = {}
+    storage = study_storage(phase.paths)
     for method in sweep.methods:
         sampler = optuna.samplers.RandomSampler(seed=sweep.seed) if sweep.sampler == "random" else None
-        searchers[method] = OptunaSearch(
+        searchers[method] = MethodStudy(
             DefineByRun(method, method_space(sweep, method), tuple(s.search for s in sweep.students), phase.bounds),
-            metric=metric, mode=mode, study_name=method, storage=study_storage(phase.paths, method), seed=sweep.seed,
-            sampler=sampler, points_to_evaluate=[w.point for w in warm.get(method, [])] or None)
+            metric=metric, mode=mode, study_name=method, storage=storage, seed=sweep.seed, sampler=sampler,
+            points_to_evaluate=[w.point for w in warm.get(method, [])] or None)
     b = sweep.budget
     # the trial's own epoch, not Tune's iteration count: a trial restarted from another checkpoint re-reports epochs
     scheduler = PerMethodASHA(list(sweep.methods), time_attr="epoch", metric=Metric.VAL_ACC, mode="max",
@@ -166,15 +166,16 @@ def drop_lost_trials(session: DriverSession, phase: str) -> None:
     records.save()
 
 
-def study_storage(paths: SweepPaths, method: str) -> optuna.storages.JournalStorage:
-    """A method's Optuna study: a journal file in the sweep directory, so a resume continues it."""
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.study(method))))
+def study_storage(paths: SweepPaths) -> optuna.storages.JournalStorage:
+    """The sweep's Optuna storage: one journal file in the sweep directory, one study per method, so a resume
+    continues every study and `optuna-dashboard` opened once on it shows them all."""
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(paths.studies)))
 
 
 def fail_stale_optuna_trials(paths: SweepPaths, methods) -> None:
     """Optuna trials still RUNNING once every Ray trial ended were asked for by a killed driver: mark them FAIL."""
+    storage = study_storage(paths)
     for method in methods:
-        storage = study_storage(paths, method)
         study = optuna.load_study(study_name=method, storage=storage)
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)

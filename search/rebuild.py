@@ -27,7 +27,8 @@ from kdarena.zoo.errors import UserError
 from .checkpoints import saved_trials
 from .mirror import TRACKING_ERRORS
 from .points import point_of
-from .records import PHASES, SweepPaths, add_epoch, final_metrics, new_trial_record, trial_key
+from .records import (PHASES, SweepPaths, add_epoch, ended_status, final_metrics, new_trial_record, reported_epoch,
+                      trial_key)
 from .sweep_config import SweepConfig
 
 
@@ -133,19 +134,19 @@ def _from_ray(trial_dir: Path, phase: str, states: dict[str, str], ids: dict[str
     resolved, tags = describe(config)
     record = new_trial_record(trial_key(phase, trial_id), f"run_trial_{trial_id}", phase, point_of(config), resolved, tags)
     for r in results:
-        if r.get("status") == Status.DIVERGED or "epoch" not in r:
+        epoch = reported_epoch(r)
+        if epoch is None:
             continue
         metrics = {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and is_epoch_metric(k)}
-        add_epoch(record, int(r["epoch"]), metrics, ts_ms=int(r.get("timestamp", time.time()) * 1000))
+        add_epoch(record, epoch, metrics, ts_ms=int(r.get("timestamp", time.time()) * 1000))
     last = results[-1] if results else {}
     record["last_result"] = {k: v for k, v in last.items() if isinstance(v, (int, float, str))
                              and not isinstance(v, bool)}
     record["started"] = results[0]["timestamp"] if results and "timestamp" in results[0] else time.time()
     state = states.get(trial_id)
-    outcome = last.get("status")
     if state == "TERMINATED":
-        record["status"] = outcome if outcome in (Status.COMPLETED, Status.DIVERGED) else Status.EARLY_STOPPED
+        record["status"] = ended_status(last.get("status"))
     elif state == "ERROR":
         record["status"] = Status.FAILED
     if record["status"] in Status.FINISHED:

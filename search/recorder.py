@@ -20,7 +20,8 @@ from ray.tune import Callback
 from kdarena.training.record import Metric, Status, is_epoch_metric
 
 from .points import point_of
-from .records import SweepRecords, add_epoch, epochs_done, final_metrics, new_trial_record, trial_key
+from .records import (SweepRecords, add_epoch, ended_status, epochs_done, final_metrics, new_trial_record,
+                      reported_epoch, trial_key)
 from .session import DriverSession, session_for
 
 
@@ -94,14 +95,10 @@ class MLflowRecorder(Callback):
         key, record = self._record(trial)
         if record is None:
             return
-        epoch = int(result.get("epoch", 0))
         record["last_result"] = _scalars(result)
-        if result.get("status") not in Status.NO_SCORE:
+        epoch = reported_epoch(result)
+        if epoch is not None:
             add_epoch(record, epoch, {k: float(v) for k, v in _scalars(result).items() if is_epoch_metric(k)})
-        # the status once Ray says the trial ended (failed: refused untrained, over a constraint)
-        if result.get("status") in (Status.COMPLETED, *Status.NO_SCORE):
-            record["outcome"] = result["status"]
-            record["reason"] = result.get("reason")
         self._event("result", key, record)
 
     @_holding_records_lock
@@ -110,8 +107,8 @@ class MLflowRecorder(Callback):
         if record is None:
             return
         last = record.get("last_result", {})
-        # ended before the full budget and not diverged: ASHA stopped it
-        record["status"] = record.pop("outcome", None) or Status.EARLY_STOPPED
+        record["status"] = ended_status(last.get("status"))
+        record["reason"] = last.get("reason")
         record["metrics"] = final_metrics(last, record["status"], record)
         checkpoint = trial.checkpoint  # the last epoch's (one kept per trial)
         record["checkpoint"] = checkpoint.path if checkpoint is not None else None

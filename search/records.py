@@ -88,8 +88,14 @@ class SweepPaths:
         """The Ray Tune experiment of a phase (`trial`: the search, `final`: the final runs)."""
         return self.ray / PHASES[phase]
 
-    def study(self, method: str) -> Path:
-        return self.root / f"optuna-{method}.journal"
+    @property
+    def studies(self) -> Path:
+        """The sweep's Optuna journal: one study per method, named after it (`optuna-dashboard` opens it)."""
+        return self.root / "optuna.journal"
+
+    def older_studies(self) -> list[Path]:
+        """Per-method journals (`optuna-METHOD.journal`) of a sweep started before all studies shared one file."""
+        return sorted(self.root.glob("optuna-*.journal"))
 
 
 def sweep_paths(sweep: SweepConfig, storage: str | None) -> SweepPaths:
@@ -120,6 +126,24 @@ def add_epoch(record: dict[str, Any], epoch: int, metrics: dict[str, float], ts_
     record["history"] = [h for h in record["history"] if h["epoch"] < epoch]
     record["history"].append({"epoch": epoch, "ts_ms": ts_ms if ts_ms is not None else int(time.time() * 1000),
                               "metrics": metrics})
+
+
+def reported_epoch(result: dict[str, Any]) -> int | None:
+    """The epoch a trial's report scores; None for the report that it diverged (its val_acc is a stand-in)."""
+    if result.get("status") in Status.NO_SCORE or "epoch" not in result:
+        return None
+    return int(result["epoch"])
+
+
+def ended_status(reported: str | None) -> str:
+    """How a trial that Ray ended without an error finished, from the status its last report carried.
+
+    The trial itself reports `completed` (its full budget run, the test split
+    scored), `diverged`, or `failed` (refused untrained: over a constraint);
+    a trial that ended reporting none of them was stopped by ASHA. records.json, a rebuilt one and the Optuna studies all decide
+    by this rule.
+    """
+    return reported if reported in (Status.COMPLETED, *Status.NO_SCORE) else Status.EARLY_STOPPED
 
 
 def epochs_done(record: dict[str, Any]) -> int:

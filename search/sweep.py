@@ -176,6 +176,12 @@ def check_storage(paths: SweepPaths, resume: bool) -> None:
                         "or give the sweep another name")
     if resume and not exists:
         raise UserError(f"nothing to resume: no sweep results in {paths.root}; run without --resume to start it")
+    if resume and (older := paths.older_studies()):
+        # Ray's saved searcher holds each study in its own journal: continuing it would split the sweep's studies
+        raise UserError(f"sweep '{paths.root.name}' was started by an older kdarena that kept one Optuna journal per "
+                        f"method ({', '.join(p.name for p in older)}); this one keeps every method's study in "
+                        f"{paths.studies.name} and cannot continue it. Its finished trials stay in {paths.records} "
+                        "and MLflow; run the sweep again under another name (or move the folder away) to start afresh")
 
 
 def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Dataset, ident: dict[str, Any], cache_dir,

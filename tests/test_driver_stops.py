@@ -19,6 +19,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from kdarena.search.checkpoints import repair, restorable, saved_trials
+from kdarena.search.phases import study_storage
+from kdarena.search.records import SweepPaths
 
 KDARENA = str(Path(sys.executable).parent / "kdarena")
 
@@ -147,7 +149,7 @@ def test_sigterm_and_kill_9_anywhere_lose_no_trial_and_no_final_seed(tmp_path):
     records["trials"][ghost_key] = template | {"key": ghost_key, "status": "running", "run_id": ghost_run.info.run_id,
                                                 "history": [], "metrics": {}}
     (root / "records.json").write_text(json.dumps(records))
-    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(root / "optuna-kd.journal")))
+    journal = study_storage(SweepPaths(root))
     ghost_trial = optuna.load_study(study_name="kd", storage=journal).ask()
 
     # resume, then SIGTERM again once the final runs are under way
@@ -191,8 +193,7 @@ def test_sigterm_and_kill_9_anywhere_lose_no_trial_and_no_final_seed(tmp_path):
     assert "fewer final seeds" not in done.stderr
     _assert_complete_and_unduplicated(tmp_path, root)
     for method in ("baseline", "kd"):
-        study = optuna.load_study(study_name=method, storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(root / f"optuna-{method}.journal"))))
+        study = optuna.load_study(study_name=method, storage=study_storage(SweepPaths(root)))
         assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 

@@ -289,9 +289,11 @@ def test_resume_after_the_driver_is_stopped_loses_nothing_and_duplicates_nothing
         assert steps == list(range(1, epochs + 1)), (run.info.run_name, steps)
     # the Optuna studies went on where they were: the same history, numbering continued, every trial complete
     import optuna
+
+    from kdarena.search.phases import study_storage
+    from kdarena.search.records import SweepPaths
     for method in ("baseline", "kd"):
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(root / f"optuna-{method}.journal")))
-        study = optuna.load_study(study_name=method, storage=storage)
+        study = optuna.load_study(study_name=method, storage=study_storage(SweepPaths(root)))
         numbers = [t.number for t in study.trials]
         assert numbers == list(range(len(numbers)))
         assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == per_method

@@ -258,7 +258,9 @@ def test_final_seeds_and_max_concurrent_from_the_command_line(shell_sweep):
 
 @pytest.mark.slow
 def test_sampler_random_is_what_each_study_ran(shell_sweep):
+    from kdarena.search.phases import study_storage
     from kdarena.search.points import DefineByRun
+    from kdarena.search.records import SweepPaths
     from kdarena.search.sweep_config import method_space, parse_sweep
 
     root = shell_sweep["root"]
@@ -268,8 +270,7 @@ def test_sampler_random_is_what_each_study_ran(shell_sweep):
         searcher = pickle.load(f)["searchers"]["kd"]
     assert isinstance(searcher._ot_study.sampler, optuna.samplers.RandomSampler)
     # ... seeded with the sweep's seed: its trials are RandomSampler(seed=7)'s draws, in order
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(root / "optuna-kd.journal")))
-    ran = optuna.load_study(study_name="kd", storage=storage).trials
+    ran = optuna.load_study(study_name="kd", storage=study_storage(SweepPaths(root))).trials
     sweep = parse_sweep(SHELL, "shell.yaml")
     space = DefineByRun("kd", method_space(sweep, "kd"), tuple(s.search for s in sweep.students))
     replay = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=SHELL["seed"]))
