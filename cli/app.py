@@ -158,7 +158,11 @@ def _print_sweep_summary(cfg, outcome) -> None:
 
     table = Table("method", "student", "val_acc", "test_acc", "final test_acc", "MACs", "best config",
                   title=f"sweep {cfg.name}: best full-budget trial per method")
-    ranked = sorted(outcome.best.items(), key=lambda kv: -kv[1]["metrics"]["val_acc"])
+    from kdarena.leaderboards.stats import best_first
+
+    # what "best" means everywhere: val_acc, then MACs (a method's best trial is one seed)
+    ranked = sorted(outcome.best.items(), key=lambda kv: best_first(kv[1]["metrics"].get("val_acc"),
+                                                                   kv[1]["metrics"].get("macs"), 1))
     for method, record in ranked:
         m = record["metrics"]
         final = outcome.finals.get(method)

@@ -151,7 +151,7 @@ def _epoch(epoch: int, val_acc: float, status: str = "running") -> dict:
 def test_failed_stopped_and_completed_trials_of_a_two_objective_study(tmp_path):
     """val_acc vs MACs: a completed trial has both values; a stopped one keeps its epochs, an errored one FAILs."""
     study = _study(tmp_path, ["val_acc", "macs"])
-    for trial_id in ("done", "stopped", "errored"):
+    for trial_id in ("done", "stopped", "errored", "refused"):
         assert study.suggest(trial_id)["method"] == "kd"
     for epoch, acc in ((1, 0.5), (2, 0.6), (3, 0.7)):
         study.on_trial_result("done", _epoch(epoch, acc, "completed" if epoch == 3 else "running"))
@@ -160,6 +160,9 @@ def test_failed_stopped_and_completed_trials_of_a_two_objective_study(tmp_path):
     study.on_trial_complete("stopped", _epoch(1, 0.3))
     study.on_trial_result("errored", _epoch(1, 0.4))
     study.on_trial_complete("errored", error=True)
+    # refused untrained by a constraint: the trial reports `failed` with a stand-in val_acc of 0
+    study.on_trial_result("refused", {**_epoch(1, 0.0, "failed"), "reason": "over constraints.max_macs"})
+    study.on_trial_complete("refused", {**_epoch(1, 0.0, "failed"), "reason": "over constraints.max_macs"})
 
     trials = {t.user_attrs["kdarena.trial_key"]: t
               for t in optuna.load_study(study_name="kd", storage=study_storage(SweepPaths(tmp_path))).trials}
@@ -167,6 +170,7 @@ def test_failed_stopped_and_completed_trials_of_a_two_objective_study(tmp_path):
     assert trials["trial/done"].intermediate_values == {1: 0.5, 2: 0.6, 3: 0.7}  # steps are epochs, not Ray's count
     assert trials["trial/stopped"].state == State.PRUNED and trials["trial/stopped"].intermediate_values == {1: 0.3}
     assert trials["trial/errored"].state == State.FAIL and trials["trial/errored"].values is None
+    assert trials["trial/refused"].state == State.FAIL and trials["trial/refused"].intermediate_values == {}
 
 
 def test_importances_rank_the_completed_trials_beside_pruned_and_failed_ones(tmp_path):
