@@ -18,6 +18,16 @@ def digits():
     return load_dataset("digits")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray of 2 CPUs for the tests of one module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture()
 def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private teacher cache and MLflow store, so tests never touch ~/.cache or ./mlflow.db."""
@@ -63,8 +73,9 @@ SWEPT = {
 @pytest.fixture(scope="session")
 def swept_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """{'tracking_uri', 'work', 'sweep_dir'}: a store written by a real sweep on a real local Ray."""
-    import ray
     import yaml
+
+    from helpers import sweep_workspace
 
     from kdarena.training.config import parse_config
     from kdarena.search.sweep import run_sweep
@@ -72,26 +83,8 @@ def swept_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from kdarena.training.train_job import run_train
 
     work = tmp_path_factory.mktemp("swept")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    saved_env = {k: os.environ.get(k) for k in ("KDARENA_CACHE", "MLFLOW_TRACKING_URI")}
-    os.environ["KDARENA_CACHE"] = str(work / "cache")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    cwd = Path.cwd()
-    os.chdir(work)
-    try:
+    with sweep_workspace(work) as uri:
         (work / "swept.yaml").write_text(yaml.safe_dump(SWEPT))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 ignore_reinit_error=True)
-        try:
-            outcome = run_sweep(parse_sweep(SWEPT, "swept.yaml"), SWEPT)
-        finally:
-            ray.shutdown()
+        outcome = run_sweep(parse_sweep(SWEPT, "swept.yaml"), SWEPT)
         run_train(parse_config({"teacher": SWEPT["teacher"], "train": {"epochs": 3}}), uri)
-    finally:
-        os.chdir(cwd)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return {"tracking_uri": uri, "work": work, "sweep_dir": outcome.paths.root}

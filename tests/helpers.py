@@ -5,6 +5,9 @@ real MLflow server."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -350,3 +353,30 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+@contextmanager
+def sweep_workspace(work: Path) -> Iterator[str]:
+    """`work` as a private place to run sweeps: its own teacher cache and MLflow store (the tracking URI yielded),
+    the working directory, and a local Ray of 2 CPUs; all put back afterwards."""
+    import os
+
+    import ray
+
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {"KDARENA_CACHE": str(work / "cache"), "MLFLOW_TRACKING_URI": uri}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cwd = Path.cwd()
+    os.chdir(work)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    try:
+        yield uri
+    finally:
+        ray.shutdown()
+        os.chdir(cwd)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

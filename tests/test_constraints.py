@@ -157,14 +157,6 @@ def test_a_trial_refuses_a_student_measured_over_the_latency_limit():
     assert trial_refusal(parse_sweep(BASE | {"constraints": {"max_macs": 1e9}}, "s.yaml"), model, DIGITS, cost) is None
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def test_a_searched_sweep_trains_no_trial_over_max_macs(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))

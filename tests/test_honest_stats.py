@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import statistics
 from pathlib import Path
@@ -36,6 +35,7 @@ from kdarena.training.build import build_distiller, make_model
 from kdarena.training.config import parse_config
 from kdarena.training.record import Tag
 
+from helpers import sweep_workspace
 from test_leaderboard import fake_runs
 
 # -- the statistics, against scipy -------------------------------------------------------------------------------
@@ -202,31 +202,12 @@ PAIRED = {
 
 @pytest.fixture(scope="module")
 def paired_sweep(tmp_path_factory) -> dict:
-    import ray
-
     from kdarena.search.sweep import run_sweep
 
     work = tmp_path_factory.mktemp("paired")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("KDARENA_CACHE", "MLFLOW_TRACKING_URI")}
-    os.environ |= {"KDARENA_CACHE": str(work / "cache"), "MLFLOW_TRACKING_URI": uri}
-    cwd = Path.cwd()
-    os.chdir(work)
-    try:
+    with sweep_workspace(work) as uri:
         (work / "paired.yaml").write_text(yaml.safe_dump(PAIRED))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 ignore_reinit_error=True)
-        try:
-            outcome = run_sweep(parse_sweep(PAIRED, "paired.yaml"), PAIRED)
-        finally:
-            ray.shutdown()
-    finally:
-        os.chdir(cwd)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        outcome = run_sweep(parse_sweep(PAIRED, "paired.yaml"), PAIRED)
     return {"tracking_uri": uri, "sweep_dir": outcome.paths.root}
 
 

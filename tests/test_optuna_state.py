@@ -10,7 +10,6 @@ failed trial, a multi-objective study, a resumed sweep's replay.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,11 +19,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-import ray
 import yaml
 from typer.testing import CliRunner
 
-from helpers import free_port
+from helpers import free_port, sweep_workspace
 
 from kdarena.cli.app import app
 from kdarena.search.per_method import MethodStudy
@@ -53,23 +51,9 @@ TOLD = {
 def told_sweep(tmp_path_factory) -> Path:
     """The sweep folder of one real sweep with completed, early-stopped and diverged trials."""
     work = tmp_path_factory.mktemp("told")
-    env = {"KDARENA_CACHE": str(work / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    old = Path.cwd()
-    os.chdir(work)
-    (work / "told.yaml").write_text(yaml.safe_dump(TOLD))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
-    try:
+    with sweep_workspace(work):
+        (work / "told.yaml").write_text(yaml.safe_dump(TOLD))
         result = CliRunner().invoke(app, ["sweep", "told.yaml"], catch_exceptions=False)
-    finally:
-        ray.shutdown()
-        os.chdir(old)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert result.exit_code == 0, result.output
     return work / "kdarena-sweeps" / "told"
 

@@ -32,14 +32,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def _write(path: Path, doc: dict) -> Path:
     path.write_text(yaml.safe_dump(doc))
     return path
