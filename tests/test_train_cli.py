@@ -167,7 +167,7 @@ BAD_INPUTS = {
     "corrupt teacher checkpoint": ({"teacher": {"arch": "cnn", "checkpoint": "GARBAGE"}}, "not a loadable weights file"),
     "missing teacher checkpoint": ({"teacher": {"arch": "cnn", "checkpoint": "NOPE.pt"}}, "file not found"),
     "mismatched teacher checkpoint": ({"teacher": {"arch": "cnn", "options": {"channels": 4}, "checkpoint": "MISMATCH"}},
-                                      "does not fit this architecture"),
+                                      "its keys do not fit SmallCNN"),
 }
 
 

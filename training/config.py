@@ -9,7 +9,7 @@ teacher's weights: the file `kdarena train` re-runs exactly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,7 +18,8 @@ from kdarena.methods import METHODS, get_method
 from kdarena.methods.recipe import Recipe
 from kdarena.zoo.data import DATASETS
 from kdarena.zoo.errors import UserError
-from kdarena.zoo.models import MODELS
+from kdarena.zoo.models import ALIASES, MODELS
+from kdarena.zoo.models.formats import FORMATS
 
 from .documents import apply_overrides, format_validation_error, load_yaml, show, validate_document
 
@@ -60,9 +61,11 @@ class ModelConfig(Strict):
     @field_validator("arch")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {show(v)}; known models: {', '.join(sorted(MODELS))}")
-        return v
+        """A known model, under the zoo's own name (an alias such as RepDistiller's `ResNet50` is resolved)."""
+        if ALIASES.get(v, v) not in MODELS:
+            raise ValueError(f"unknown model {show(v)}; known models: {', '.join(sorted(MODELS))} "
+                             f"(and the reference names {', '.join(sorted(ALIASES))})")
+        return ALIASES.get(v, v)
 
 
 def _teacher_recipe() -> Recipe:
@@ -71,8 +74,17 @@ def _teacher_recipe() -> Recipe:
 
 class TeacherConfig(ModelConfig):
     checkpoint: str | None = Field(None, description="a local state_dict file to use instead of training")
+    format: Literal[FORMATS] = Field("auto", description="the checkpoint's key names: auto (detected), kdarena, "
+                                     "repdistiller, mdistiller or torchvision")
     sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="the teacher weights' expected sha256")
     recipe: Recipe = Field(default_factory=_teacher_recipe)
+
+    @model_validator(mode="after")
+    def _format_needs_checkpoint(self) -> TeacherConfig:
+        if self.format != "auto" and self.checkpoint is None:
+            raise ValueError(f"teacher.format '{self.format}' describes a checkpoint: give teacher.checkpoint, "
+                             "or drop teacher.format")
+        return self
 
 
 class MethodConfig(Strict):

@@ -29,6 +29,7 @@ from kdarena.methods.engine import FitResult
 from kdarena.zoo.data import Dataset
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import StagedModel
+from kdarena.zoo.models.formats import WRAPPERS, load_state, unwrap
 
 from .config import DatasetConfig, TeacherConfig
 from .record import Metric, Status
@@ -75,8 +76,14 @@ class StoredTeacher:
 
 
 def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, what: str,
-                 fix: str = "the file changed since it was saved; delete it to retrain, or restore the original") -> str:
-    """Load a state_dict file into `model`; verify its sha256 before reading a byte of it as weights; return the sha256."""
+                 fix: str = "the file changed since it was saved; delete it to retrain, or restore the original",
+                 fmt: str = "kdarena") -> str:
+    """Load a checkpoint file into `model`; verify its sha256 before reading a byte of it as weights; return the sha256.
+
+    `fmt` names the file's key names (`zoo.models.formats`): a stored teacher
+    is kdarena's own, a user's checkpoint may be RepDistiller's, mdistiller's
+    or torchvision's, found from its keys when `fmt` is "auto".
+    """
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path}; pass an existing weights file")
     sha = file_sha256(path)
@@ -84,18 +91,16 @@ def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, wh
         raise UserError(f"{what}: {path} fails its sha256 check (expected {expected_sha256[:16]}…, got {sha[:16]}…): "
                         f"{fix}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for crafted pickles, RuntimeError for truncated zips, …
         raise UserError(f"{what}: {path} is not a loadable weights file ({type(exc).__name__}); kdarena loads tensors only") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{what}: {path} holds a {type(state).__name__}, not a state_dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(f"{what}: {path} does not fit this architecture ({first}); check teacher.arch and teacher.options") from None
+    state = unwrap(loaded)
+    if state is None:
+        raise UserError(f"{what}: {path} holds a {type(loaded).__name__} with no state_dict in it (a mapping of names "
+                        f"to tensors, alone or under {', '.join(map(repr, WRAPPERS))})")
+    load_state(model, state, fmt, f"{what} {path}",
+               fix="The file holds another network or other options: check teacher.arch and teacher.options "
+                   "(they must build the network the file was saved from), or set teacher.format")
     return sha
 
 
@@ -167,7 +172,7 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, c
         # a pinned checkpoint is checked before it is loaded: a swapped file is never unpickled at all
         sha = load_weights(model, path, teacher.sha256, "teacher.checkpoint",
                            fix="it is not the file teacher.sha256 pins; point teacher.checkpoint at the original file "
-                               "or drop teacher.sha256")
+                               "or drop teacher.sha256", fmt=teacher.format)
         return StoredTeacher(model, "", sha, path, None, None, trained_now=False)
 
     key = teacher_key(teacher, dataset, data)

@@ -20,6 +20,7 @@ from .mlp import MLP
 from .mobilenetv2 import MobileNetV2
 from .resnet_cifar import CifarResNet
 from .resnext import ResNeXt
+from .shufflenetv1 import ShuffleNetV1
 from .shufflenetv2 import ShuffleNetV2
 from .vgg import VGG
 from .wrn import WideResNet
@@ -73,6 +74,8 @@ for _depth in (8, 11, 13, 16, 19):
 _add("mobilenetv2", MobileNetV2, _CIFAR100, "MobileNetV2, CIFAR variant (options width, expand)")
 _add("mobilenetv2_half", partial(MobileNetV2, width=0.5), _CIFAR100,
      "MobileNetV2 ×0.5: RepDistiller's 'MobileNetV2' student (option expand)")
+_add("shufflenetv1", ShuffleNetV1, _CIFAR100,
+     "ShuffleNetV1, CIFAR variant (option groups 1/2/3/4/8; RepDistiller's ShuffleV1 at 3)")
 _add("shufflenetv2", ShuffleNetV2, _CIFAR100,
      "ShuffleNetV2, CIFAR variant (option width = net size 0.2…2; RepDistiller's ShuffleV2 at 1)")
 _add("resnext", ResNeXt, _CIFAR100,
@@ -89,11 +92,18 @@ _add("inception_v3", TorchvisionInceptionV3, (3, 299, 1000),
      "torchvision Inception-v3, no aux head; inputs under 75 px upsampled (options resize, dropout, weights)")
 del _depth, _k, _c, _d, _arch
 
+# RepDistiller's and mdistiller's names for the same networks (their model_dict keys), so their configs and
+# checkpoints' names work as they are; the others (resnet8x4, wrn_40_2, …) are already the zoo's own
+ALIASES: dict[str, str] = {"vgg13_bn": "vgg13", "mobile_half": "mobilenetv2_half", "MobileNetV2": "mobilenetv2_half",
+                           "ShuffleV1": "shufflenetv1", "ShuffleV2": "shufflenetv2", "ResNet18": "resnet18", "ResNet50": "resnet50"}
+
 
 def build_model(name: str, *, num_classes: int, in_channels: int, input_size: int, **options) -> StagedModel:
-    """Construct a registered model; unknown names or options are a UserError."""
-    if name not in MODELS:
-        raise UserError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}")
+    """Construct a registered model (by its name or an alias); unknown names or options are a UserError."""
+    if ALIASES.get(name, name) not in MODELS:
+        raise UserError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))} "
+                        f"(and the reference names {', '.join(sorted(ALIASES))})")
+    name = ALIASES.get(name, name)
     ctor = MODELS[name].ctor
     allowed = _option_names(ctor)
     unknown = sorted(set(options) - allowed)
@@ -115,4 +125,4 @@ def _option_names(ctor: Callable[..., StagedModel]) -> set[str]:
     return {p for p in params if p not in {"self", "num_classes", "in_channels", "input_size"} | fixed}
 
 
-__all__ = ["MODELS", "ModelEntry", "StagedModel", "StageOutput", "StageShape", "build_model", "stage_shapes"]
+__all__ = ["ALIASES", "MODELS", "ModelEntry", "StagedModel", "StageOutput", "StageShape", "build_model", "stage_shapes"]

@@ -11,6 +11,7 @@ FSP may prefer. An MLP's "stages" are its hidden layers (B×D tensors).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,7 +29,15 @@ class StagedModel(nn.Module):
 
     Subclasses implement `forward_stages`; `forward` is what a deployed
     student runs and what cost profiling measures.
+
+    A family that RepDistiller and mdistiller also define says how their
+    state_dict keys become its own (`REFERENCE_RENAMES`: regex, replacement,
+    applied in order); a family whose keys are torchvision's says so
+    (`TORCHVISION_KEYS`). `zoo.models.formats` loads checkpoints by them.
     """
+
+    REFERENCE_RENAMES: ClassVar[tuple[tuple[str, str], ...] | None] = None  # None: no reference network
+    TORCHVISION_KEYS: ClassVar[bool] = False
 
     def forward_stages(self, x: torch.Tensor) -> StageOutput:
         raise NotImplementedError

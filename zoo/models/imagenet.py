@@ -46,6 +46,7 @@ from torch.nn import functional as F
 
 from ..errors import UserError
 from .base import StagedModel, StageOutput
+from .formats import unwrap
 
 _NO_DOWNLOAD = ("kdarena never downloads weights: pass the path of a local state_dict file "
                 "(one saved with torch.save(model.state_dict(), path))")
@@ -63,7 +64,7 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
         # not torch's own text: it spans lines and suggests weights_only=False, which would run a crafted file's code
         raise UserError(f"weights file '{p}' cannot be read as a PyTorch state_dict ({type(exc).__name__}; kdarena "
                         f"loads tensors only, never pickled objects); {_NO_DOWNLOAD}") from None
-    state = _unwrap(obj)
+    state = unwrap(obj)
     if state is None:
         raise UserError(f"weights file '{p}' does not hold a state_dict (a mapping of names to tensors); "
                         f"{_NO_DOWNLOAD}")
@@ -89,19 +90,6 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
 
 
-def _unwrap(obj: object) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return None
-    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
-
-
 def _fresh_conv(c_in: int, c_out: int, k: int, stride: int, padding: int) -> nn.Conv2d:
     conv = nn.Conv2d(c_in, c_out, k, stride, padding, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
@@ -121,6 +109,11 @@ def _check_resize(resize: int | None) -> None:
 
 class TorchvisionResNet(StagedModel):
     """torchvision `arch` (resnet18/34/50) with a small-input stem; see the module docstring."""
+
+    # RepDistiller / mdistiller `resnetv2.py` (their CIFAR ResNet18/50: this network with the small stem):
+    # torchvision's names but for the projection shortcut and the classifier
+    REFERENCE_RENAMES = ((r"\.shortcut\.", ".downsample."), (r"^linear\.", "fc."))
+    TORCHVISION_KEYS = True
 
     ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -190,6 +183,8 @@ INCEPTION_MIN_SIZE = 75
 
 class TorchvisionInceptionV3(StagedModel):
     """torchvision Inception-v3 (no aux head), inputs under 75 px upsampled; see the module docstring."""
+
+    TORCHVISION_KEYS = True
 
     def __init__(self, *, num_classes: int, in_channels: int, input_size: int, resize: int | None = None,
                  dropout: float = 0.5, weights: str | None = None):

@@ -49,6 +49,10 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(StagedModel):
     """MobileNetV2 with width multiplier `width` and expansion ratio `expand` (paper: 6)."""
 
+    # RepDistiller / mdistiller `mobilenetv2.py`: conv1 (stem), blocks, conv2 (head), classifier.0
+    REFERENCE_RENAMES = ((r"^conv1\.", "stem."), (r"^blocks\.", "groups."), (r"^conv2\.0\.", "head_conv."),
+                         (r"^conv2\.1\.", "head_bn."), (r"^classifier\.0\.", "classifier."))
+
     def __init__(self, *, num_classes: int, in_channels: int, input_size: int,
                  width: float = 1.0, expand: int = 6):
         super().__init__()

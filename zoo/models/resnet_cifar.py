@@ -49,6 +49,9 @@ class CifarResNet(StagedModel):
     the published network).
     """
 
+    # RepDistiller / mdistiller `resnet.py`: stages are layer1…layer3
+    REFERENCE_RENAMES = ((r"^layer1\.", "layers.0."), (r"^layer2\.", "layers.1."), (r"^layer3\.", "layers.2."))
+
     def __init__(self, *, num_classes: int, in_channels: int, input_size: int,
                  depth: int = 20, filters: Sequence[int] = (16, 16, 32, 64), width: float = 1.0):
         super().__init__()

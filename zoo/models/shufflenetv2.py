@@ -86,6 +86,11 @@ class DownUnit(nn.Module):
 class ShuffleNetV2(StagedModel):
     """ShuffleNetV2 of net size `width` (0.2, 0.3, 0.5, 1, 1.5 or 2)."""
 
+    # RepDistiller / mdistiller `ShuffleNetv2.py`: conv1/bn1 stem, layer1…layer3, conv2/bn2 head, linear
+    REFERENCE_RENAMES = ((r"^conv1\.", "stem."), (r"^bn1\.", "stem_bn."), (r"^layer1\.", "stages.0."),
+                         (r"^layer2\.", "stages.1."), (r"^layer3\.", "stages.2."), (r"^conv2\.", "head_conv."),
+                         (r"^bn2\.", "head_bn."), (r"^linear\.", "classifier."))
+
     def __init__(self, *, num_classes: int, in_channels: int, input_size: int, width: float = 1.0):
         super().__init__()
         if float(width) not in CONFIGS:

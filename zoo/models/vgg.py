@@ -31,6 +31,9 @@ CONFIGS: dict[int, list[list[int]]] = {
 class VGG(StagedModel):
     """VGG-`depth` (8, 11, 13, 16 or 19); `width` multiplies every channel count."""
 
+    # RepDistiller / mdistiller `vgg.py`: block0…block4, the same conv/BN/ReLU indices inside
+    REFERENCE_RENAMES = ((r"^block(\d)\.", r"blocks.\1."),)
+
     def __init__(self, *, num_classes: int, in_channels: int, input_size: int,
                  depth: int = 8, width: float = 1.0):
         super().__init__()

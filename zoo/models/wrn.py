@@ -47,6 +47,11 @@ class PreActBlock(nn.Module):
 class WideResNet(StagedModel):
     """WRN-`depth`-`widen_factor`; `drop_rate` is the dropout between the two convs."""
 
+    # RepDistiller / mdistiller `wrn.py`: groups are block1…block3 wrapping `.layer`, the final BN is bn1
+    REFERENCE_RENAMES = ((r"^block1\.layer\.", "groups.0."), (r"^block2\.layer\.", "groups.1."),
+                         (r"^block3\.layer\.", "groups.2."), (r"\.convShortcut\.", ".shortcut."),
+                         (r"^bn1\.", "bn."))
+
     def __init__(self, *, num_classes: int, in_channels: int, input_size: int,
                  depth: int = 16, widen_factor: float = 2, drop_rate: float = 0.0):
         super().__init__()
