@@ -65,6 +65,8 @@ def test_every_entry_has_a_home_input(name):
     ("vgg8", 1, 28, [(64, 28), (128, 14), (256, 7), (512, 3), (512, 3)]),
     ("mobilenetv2_half", 3, 32, [(12, 16), (16, 8), (48, 4), (1280, 2)]),
     ("shufflenetv2", 3, 32, [(116, 16), (232, 8), (1024, 4)]),
+    ("shufflenetv1", 3, 32, [(240, 16), (480, 8), (960, 4)]),
+    ("shufflenetv1", 1, 28, [(240, 14), (480, 7), (960, 4)]),
     ("resnext29_4x16d", 3, 16, [(256, 16), (512, 8), (1024, 4)]),
     ("resnet18", 3, 32, [(64, 32), (128, 16), (256, 8), (512, 4)]),
     ("resnet50", 1, 28, [(256, 28), (512, 14), (1024, 7), (2048, 4)]),
@@ -98,6 +100,8 @@ def test_options_change_the_network():
     assert n_params(deep) == n_params(build_model("resnet56", num_classes=10, in_channels=3, input_size=32))
     wide = build_model("wrn", num_classes=10, in_channels=3, input_size=32, depth=16, widen_factor=2)
     assert n_params(wide) == n_params(build_model("wrn_16_2", num_classes=10, in_channels=3, input_size=32))
+    g8 = build_model("shufflenetv1", num_classes=10, in_channels=3, input_size=32, groups=8)
+    assert g8.stages[2][0].conv3.groups == 8 and g8.classifier.in_features == 1536
     small = build_model("shufflenetv2", num_classes=10, in_channels=3, input_size=32, width=0.5)
     assert n_params(small) < n_params(build_model("shufflenetv2", num_classes=10, in_channels=3, input_size=32))
 
@@ -105,7 +109,14 @@ def test_options_change_the_network():
 def test_unknown_model_lists_known_names():
     with pytest.raises(UserError, match="unknown model 'resnet21'") as err:
         build_model("resnet21", num_classes=10, in_channels=3, input_size=32)
-    assert "resnet20" in str(err.value) and "wrn_40_2" in str(err.value)
+    assert "resnet20" in str(err.value) and "wrn_40_2" in str(err.value) and "ShuffleV1" in str(err.value)
+
+
+def test_reference_names_build_the_same_network():
+    for alias, name in (("MobileNetV2", "mobilenetv2_half"), ("ShuffleV1", "shufflenetv1"), ("ResNet50", "resnet50")):
+        a = build_model(alias, num_classes=10, in_channels=3, input_size=32)
+        b = build_model(name, num_classes=10, in_channels=3, input_size=32)
+        assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
 
 
 @pytest.mark.parametrize(("name", "options", "pattern"), [
@@ -116,6 +127,7 @@ def test_unknown_model_lists_known_names():
     ("vgg8", {"weights": "x.pt"}, r"no option 'weights'"),
     ("vgg", {}, r"unknown model"),
     ("shufflenetv2", {"width": 0.7}, r"net size"),
+    ("shufflenetv1", {"groups": 5}, r"groups must be one of \[1, 2, 3, 4, 8\]"),
     ("resnext", {"depth": 30}, r"9n\+2"),
     ("resnet18", {"stem": "tiny"}, r"stem"),
     ("inception_v3", {"resize": 32}, r"75"),

@@ -18,7 +18,7 @@ from kdarena.methods import METHODS, get_method
 from kdarena.methods.recipe import Recipe
 from kdarena.zoo.data import DATASETS
 from kdarena.zoo.errors import UserError
-from kdarena.zoo.models import ALIASES, MODELS
+from kdarena.zoo.models import known_models, resolve
 from kdarena.zoo.models.formats import FORMATS
 
 from .documents import apply_overrides, format_validation_error, load_yaml, show, validate_document
@@ -62,10 +62,10 @@ class ModelConfig(Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         """A known model, under the zoo's own name (an alias such as RepDistiller's `ResNet50` is resolved)."""
-        if ALIASES.get(v, v) not in MODELS:
-            raise ValueError(f"unknown model {show(v)}; known models: {', '.join(sorted(MODELS))} "
-                             f"(and the reference names {', '.join(sorted(ALIASES))})")
-        return ALIASES.get(v, v)
+        name = resolve(v)
+        if name is None:
+            raise ValueError(f"unknown model {show(v)}; {known_models()}")
+        return name
 
 
 def _teacher_recipe() -> Recipe:

@@ -98,12 +98,22 @@ ALIASES: dict[str, str] = {"vgg13_bn": "vgg13", "mobile_half": "mobilenetv2_half
                            "ShuffleV1": "shufflenetv1", "ShuffleV2": "shufflenetv2", "ResNet18": "resnet18", "ResNet50": "resnet50"}
 
 
+def resolve(name: str) -> str | None:
+    """The zoo's name for `name` (itself, or the network its alias names); None when it is neither."""
+    name = ALIASES.get(name, name)
+    return name if name in MODELS else None
+
+
+def known_models() -> str:
+    """The list an unknown-model message ends with."""
+    return f"known models: {', '.join(sorted(MODELS))} (and the reference names {', '.join(sorted(ALIASES))})"
+
+
 def build_model(name: str, *, num_classes: int, in_channels: int, input_size: int, **options) -> StagedModel:
     """Construct a registered model (by its name or an alias); unknown names or options are a UserError."""
-    if ALIASES.get(name, name) not in MODELS:
-        raise UserError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))} "
-                        f"(and the reference names {', '.join(sorted(ALIASES))})")
-    name = ALIASES.get(name, name)
+    if resolve(name) is None:
+        raise UserError(f"unknown model '{name}'; {known_models()}")
+    name = resolve(name)
     ctor = MODELS[name].ctor
     allowed = _option_names(ctor)
     unknown = sorted(set(options) - allowed)
@@ -125,4 +135,4 @@ def _option_names(ctor: Callable[..., StagedModel]) -> set[str]:
     return {p for p in params if p not in {"self", "num_classes", "in_channels", "input_size"} | fixed}
 
 
-__all__ = ["ALIASES", "MODELS", "ModelEntry", "StagedModel", "StageOutput", "StageShape", "build_model", "stage_shapes"]
+__all__ = ["ALIASES", "MODELS", "ModelEntry", "known_models", "resolve", "StagedModel", "StageOutput", "StageShape", "build_model", "stage_shapes"]

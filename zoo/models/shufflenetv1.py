@@ -7,8 +7,9 @@ unit, whose output is concatenated with the 3×3 average-pooled input (so its
 convs produce the stage width minus the input's), global average pooling and
 a linear layer. `groups` picks the paper's channel table (Table 1: g = 1, 2,
 3, 4 or 8); RepDistiller's `ShuffleV1` is g = 3 (240, 480, 960) with 4, 8, 4
-units. The first unit's first conv is not grouped: 24 stem channels are too
-few to split, as in the paper.
+units. The bottleneck is a quarter of the unit's conv output (rounded down to
+a multiple of g). The first unit's first conv is not grouped: 24 stem
+channels are too few to split, as in the paper.
 
 Stages: the three stages' outputs (at 32×32 input: 16, 8, 4 px); `preact` is
 the last unit's sum (or concat) before its final ReLU.
@@ -36,7 +37,7 @@ class ShuffleUnit(nn.Module):
         super().__init__()
         self.stride = stride
         branch = c_out - c_in if stride == 2 else c_out  # a stride-2 unit concatenates its pooled input
-        mid = branch // 4
+        mid = branch // 4 // groups * groups  # a quarter, as RepDistiller; g = 4 and 8 need it a multiple of g
         self.first_groups = 1 if c_in == STEM else groups
         self.conv1 = nn.Conv2d(c_in, mid, 1, groups=self.first_groups, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
