@@ -77,7 +77,8 @@ class StoredTeacher:
 
 def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, what: str,
                  fix: str = "the file changed since it was saved; delete it to retrain, or restore the original",
-                 fmt: str = "kdarena") -> str:
+                 fmt: str = "kdarena",
+                 misfit: str = "It was saved by another version of this network: delete it to retrain") -> str:
     """Load a checkpoint file into `model`; verify its sha256 before reading a byte of it as weights; return the sha256.
 
     `fmt` names the file's key names (`zoo.models.formats`): a stored teacher
@@ -98,9 +99,7 @@ def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, wh
     if state is None:
         raise UserError(f"{what}: {path} holds a {type(loaded).__name__} with no state_dict in it (a mapping of names "
                         f"to tensors, alone or under {', '.join(map(repr, WRAPPERS))})")
-    load_state(model, state, fmt, f"{what} {path}",
-               fix="The file holds another network or other options: check teacher.arch and teacher.options "
-                   "(they must build the network the file was saved from), or set teacher.format")
+    load_state(model, state, fmt, f"{what} {path}", fix=misfit)
     return sha
 
 
@@ -172,7 +171,9 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, c
         # a pinned checkpoint is checked before it is loaded: a swapped file is never unpickled at all
         sha = load_weights(model, path, teacher.sha256, "teacher.checkpoint",
                            fix="it is not the file teacher.sha256 pins; point teacher.checkpoint at the original file "
-                               "or drop teacher.sha256", fmt=teacher.format)
+                               "or drop teacher.sha256", fmt=teacher.format,
+                           misfit="The file holds another network or other options: check teacher.arch and "
+                                  "teacher.options (they must build the network it was saved from), or teacher.format")
         return StoredTeacher(model, "", sha, path, None, None, trained_now=False)
 
     key = teacher_key(teacher, dataset, data)
