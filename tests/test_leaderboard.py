@@ -155,7 +155,7 @@ def test_reference_data_spot_checks():
 
     r = one(table="repdistiller-same-arch", teacher="resnet56", student="resnet20", method="kd")
     assert r["test_acc"] == pytest.approx(0.7066) and r["params"] == 280_000 and r["macs"] == 40_800_000
-    assert one(table="repdistiller-cross-arch", teacher="wrn_40_2", student="ShuffleNetV1", method="crd")["test_acc"] \
+    assert one(table="repdistiller-cross-arch", teacher="wrn_40_2", student="shufflenetv1", method="crd")["test_acc"] \
         == pytest.approx(0.7605)
     assert one(table="mdistiller-dkd", student="resnet8x4")["test_acc"] == pytest.approx(0.7632)
     svd = one(table="svd-cifar100", student="VGG student (strided)", method="svd")
@@ -182,7 +182,7 @@ def test_reference_data_spot_checks():
         == pytest.approx(0.7708)
     assert one(table="logit-std-same-arch", student="resnet8x4", method="kd", variant="logit_std")["test_acc"] \
         == pytest.approx(0.7662)
-    assert one(table="logit-std-cross-arch", teacher="ResNet50", method="kd")["key_hparams"].endswith("kd_weight=1")
+    assert one(table="logit-std-cross-arch", teacher="resnet50", method="kd")["key_hparams"].endswith("kd_weight=1")
 
 
 def test_reference_rows_are_flagged_and_never_ranked():
