@@ -118,6 +118,15 @@ def test_the_same_family_with_other_options_names_the_shapes(tmp_path):
     assert " missing (" not in message
 
 
+def test_a_whole_distillers_checkpoint_says_to_give_one_network(tmp_path):
+    student = state_dict_for(NETWORKS["resnet8"]["keys"])
+    teacher = state_dict_for(NETWORKS["resnet8x4"]["keys"])
+    torch.save({"model": {f"module.student.{k}": v for k, v in student.items()}
+                | {f"module.teacher.{k}": v for k, v in teacher.items()}}, tmp_path / "best")
+    with pytest.raises(UserError, match="holds a whole distiller .* student_best"):
+        load_weights(_model(NETWORKS["resnet8"]), tmp_path / "best", None, "teacher.checkpoint", fmt="auto")
+
+
 def test_a_format_the_family_does_not_have_is_refused(tmp_path):
     path = _save_as("repdistiller", state_dict_for(NETWORKS["resnet8"]["keys"]), tmp_path / "r.pth")
     with pytest.raises(UserError, match="CifarResNet has no 'torchvision' format .* use one of auto, kdarena, "

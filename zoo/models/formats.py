@@ -127,6 +127,9 @@ def load_state(model: StagedModel, state: dict[str, torch.Tensor], fmt: str, wha
             closest = (common, candidate, problems)
     assert closest is not None
     _, candidate, problems = closest
+    if {k.split(".", 1)[0] for k in state} >= {"student", "teacher"}:
+        fix = ("It holds a whole distiller (mdistiller's latest/best files keep the student and the teacher): give "
+               "the one network's own file (mdistiller's student_best, or the teacher checkpoint it started from)")
     how = (f"as a '{candidate}' checkpoint (format auto: the closest of {', '.join(tried)})" if fmt == "auto"
            else f"as a '{fmt}' checkpoint")
     raise UserError(f"{what}: its keys do not fit {family} {how}: {'; '.join(problems)}. {fix}")
