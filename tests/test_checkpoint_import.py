@@ -19,7 +19,8 @@ import yaml
 from typer.testing import CliRunner
 
 from kdarena.cli.app import app
-from kdarena.training.teacher_store import load_weights
+from kdarena.training.config import TeacherConfig
+from kdarena.training.teacher_store import load_user_checkpoint
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import build_model
 
@@ -50,6 +51,11 @@ def _model(net: dict):
     return build_model(net["arch"], num_classes=net["num_classes"], in_channels=3, input_size=32, **net["options"])
 
 
+def _load(model, path: Path, fmt: str) -> None:
+    """As `kdarena train` loads teacher.checkpoint (the arch only labels the config here: `model` is built)."""
+    load_user_checkpoint(model, TeacherConfig(arch="cnn", checkpoint=str(path), format=fmt))
+
+
 def _logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -65,7 +71,7 @@ def test_reference_checkpoint_gives_the_reference_logits(name, fmt, tmp_path):
     for given in ("auto", fmt):  # detected from the key names, or named
         model = _model(net)
         assert not torch.allclose(_logits(model), expected, atol=1e-2)  # a fresh model is not the reference
-        load_weights(model, path, None, "teacher.checkpoint", fmt=given)
+        _load(model, path, given)
         torch.testing.assert_close(_logits(model), expected, atol=1e-5, rtol=0)
 
 
@@ -75,7 +81,7 @@ def test_every_wrapper_and_the_dataparallel_prefix_are_opened(wrapper, tmp_path)
     state = {f"module.{k}": v for k, v in state_dict_for(net["keys"]).items()}
     torch.save(state if wrapper is None else {wrapper: state, "epoch": 3}, tmp_path / "t.pt")
     model = _model(net)
-    load_weights(model, tmp_path / "t.pt", None, "teacher.checkpoint", fmt="auto")
+    _load(model, tmp_path / "t.pt", "auto")
     torch.testing.assert_close(_logits(model), torch.tensor(net["logits"]["repdistiller"]), atol=1e-5, rtol=0)
 
 
@@ -90,7 +96,7 @@ def test_kdarena_and_torchvision_checkpoints_load_as_they_are(tmp_path):
                                        (tmp_path / "tv.pt", "resnet18", "torchvision", tv)):
         for given in ("auto", fmt):
             model = build_model(arch, num_classes=10, in_channels=3, input_size=224 if arch == "resnet18" else 32)
-            load_weights(model, path, None, "teacher.checkpoint", fmt=given)
+            _load(model, path, given)
             x = torch.randn(1, 3, 64, 64)
             torch.testing.assert_close(model.eval()(x), reference.eval()(x), atol=1e-5, rtol=0)
 
@@ -98,7 +104,7 @@ def test_kdarena_and_torchvision_checkpoints_load_as_they_are(tmp_path):
 def test_another_networks_checkpoint_names_the_format_and_the_keys(tmp_path):
     path = _save_as("repdistiller", state_dict_for(NETWORKS["wrn_16_2"]["keys"]), tmp_path / "wrn.pth")
     with pytest.raises(UserError) as caught:
-        load_weights(_model(NETWORKS["resnet8"]), path, None, "teacher.checkpoint", fmt="auto")
+        _load(_model(NETWORKS["resnet8"]), path, "auto")
     message = str(caught.value)
     assert message.startswith(f"teacher.checkpoint {path}: its keys do not fit CifarResNet as a ")
     assert "(format auto: the closest of kdarena, repdistiller)" in message
@@ -110,7 +116,7 @@ def test_another_networks_checkpoint_names_the_format_and_the_keys(tmp_path):
 def test_the_same_family_with_other_options_names_the_shapes(tmp_path):
     path = _save_as("mdistiller", state_dict_for(NETWORKS["resnet8x4"]["keys"]), tmp_path / "r8x4.pth")
     with pytest.raises(UserError) as caught:
-        load_weights(_model(NETWORKS["resnet8"]), path, None, "teacher.checkpoint", fmt="auto")
+        _load(_model(NETWORKS["resnet8"]), path, "auto")
     message = str(caught.value)
     assert "as a 'repdistiller' checkpoint (format auto" in message  # the reference names fit, the shapes do not
     assert "of another shape (file vs model: conv1.weight (32, 3, 3, 3) vs (16, 3, 3, 3)" in message
@@ -124,16 +130,16 @@ def test_a_whole_distillers_checkpoint_says_to_give_one_network(tmp_path):
     torch.save({"model": {f"module.student.{k}": v for k, v in student.items()}
                 | {f"module.teacher.{k}": v for k, v in teacher.items()}}, tmp_path / "best")
     with pytest.raises(UserError, match="holds a whole distiller .* student_best"):
-        load_weights(_model(NETWORKS["resnet8"]), tmp_path / "best", None, "teacher.checkpoint", fmt="auto")
+        _load(_model(NETWORKS["resnet8"]), tmp_path / "best", "auto")
 
 
 def test_a_format_the_family_does_not_have_is_refused(tmp_path):
     path = _save_as("repdistiller", state_dict_for(NETWORKS["resnet8"]["keys"]), tmp_path / "r.pth")
     with pytest.raises(UserError, match="CifarResNet has no 'torchvision' format .* use one of auto, kdarena, "
                                         "repdistiller, mdistiller"):
-        load_weights(_model(NETWORKS["resnet8"]), path, None, "teacher.checkpoint", fmt="torchvision")
+        _load(_model(NETWORKS["resnet8"]), path, "torchvision")
     with pytest.raises(UserError, match="as a 'kdarena' checkpoint: .*missing"):
-        load_weights(_model(NETWORKS["resnet8"]), path, None, "teacher.checkpoint", fmt="kdarena")
+        _load(_model(NETWORKS["resnet8"]), path, "kdarena")
 
 
 def test_reference_names_are_aliases_of_the_zoo_networks():

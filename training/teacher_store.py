@@ -159,6 +159,19 @@ def check_writable(path: Path, what: str = "teacher cache",
                         f"{MIN_FREE_BYTES // 2**20} MiB); free some space, or {fix}")
 
 
+def load_user_checkpoint(model: StagedModel, teacher: TeacherConfig) -> StoredTeacher:
+    """`teacher.checkpoint` loaded into `model` (built from teacher.arch and options) under `teacher.format`."""
+    assert teacher.checkpoint is not None
+    path = Path(teacher.checkpoint).expanduser()
+    # a pinned checkpoint is checked before it is loaded: a swapped file is never unpickled at all
+    sha = load_weights(model, path, teacher.sha256, "teacher.checkpoint",
+                       fix="it is not the file teacher.sha256 pins; point teacher.checkpoint at the original file "
+                           "or drop teacher.sha256", fmt=teacher.format,
+                       misfit="The file holds another network or other options: check teacher.arch and "
+                              "teacher.options (they must build the network it was saved from), or teacher.format")
+    return StoredTeacher(model, "", sha, path, None, None, trained_now=False)
+
+
 def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, cache_dir: Path,
                 build: Callable[[], StagedModel], train: Callable[[StagedModel], FitResult]) -> StoredTeacher:
     """The teacher of a config: the user's checkpoint, the stored one, or trained now and stored.
@@ -167,14 +180,7 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, c
     """
     model = build()
     if teacher.checkpoint is not None:
-        path = Path(teacher.checkpoint).expanduser()
-        # a pinned checkpoint is checked before it is loaded: a swapped file is never unpickled at all
-        sha = load_weights(model, path, teacher.sha256, "teacher.checkpoint",
-                           fix="it is not the file teacher.sha256 pins; point teacher.checkpoint at the original file "
-                               "or drop teacher.sha256", fmt=teacher.format,
-                           misfit="The file holds another network or other options: check teacher.arch and "
-                                  "teacher.options (they must build the network it was saved from), or teacher.format")
-        return StoredTeacher(model, "", sha, path, None, None, trained_now=False)
+        return load_user_checkpoint(model, teacher)
 
     key = teacher_key(teacher, dataset, data)
     weights = cache_dir / f"{key}.pt"
