@@ -111,10 +111,10 @@ def known_models() -> str:
 
 def build_model(name: str, *, num_classes: int, in_channels: int, input_size: int, **options) -> StagedModel:
     """Construct a registered model (by its name or an alias); unknown names or options are a UserError."""
-    if resolve(name) is None:
+    canonical = resolve(name)
+    if canonical is None:
         raise UserError(f"unknown model '{name}'; {known_models()}")
-    name = resolve(name)
-    ctor = MODELS[name].ctor
+    ctor = MODELS[canonical].ctor
     allowed = _option_names(ctor)
     unknown = sorted(set(options) - allowed)
     if unknown:
@@ -135,4 +135,5 @@ def _option_names(ctor: Callable[..., StagedModel]) -> set[str]:
     return {p for p in params if p not in {"self", "num_classes", "in_channels", "input_size"} | fixed}
 
 
-__all__ = ["ALIASES", "MODELS", "ModelEntry", "known_models", "resolve", "StagedModel", "StageOutput", "StageShape", "build_model", "stage_shapes"]
+__all__ = ["ALIASES", "MODELS", "ModelEntry", "StagedModel", "StageOutput", "StageShape", "build_model", "known_models",
+           "resolve", "stage_shapes"]
