@@ -103,21 +103,47 @@ def render(rows: pd.DataFrame, fmt: str, by: str, *, color: bool = False, width:
     if fmt == "json":
         return json.dumps(json.loads(frame_for_export(rows).to_json(orient="records", double_precision=15)), indent=2) + "\n"
     from rich.console import Console
-    from rich.table import Table
 
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=color, no_color=not color, highlight=False)
     cost = {"macs": "MACs", "params": "params", "latency": "latency"}[by]
+    hidden: dict[str, None] = {}
     for ds in dict.fromkeys(rows["dataset"]):
-        table = Table(*DISPLAY_HEADERS.values(),
-                      title=f"{ds}: ranked by val_acc, then MACs, then seeds; ★ = Pareto front vs {cost}")
-        for r, raw in zip(display_rows(rows[rows["dataset"] == ds]), rows[rows["dataset"] == ds]["reported"]):
-            table.add_row(*(r[k] for k in DISPLAY_HEADERS), style="dim" if raw else None)
+        part = rows[rows["dataset"] == ds]
+        table, dropped = fitting_table(console, f"{ds}: ranked by val_acc, then MACs, then seeds; ★ = Pareto front vs {cost}",
+                                       display_rows(part), part["reported"].tolist(), by)
+        hidden.update(dict.fromkeys(dropped))
         console.print(table)
+    narrow = (f" Not shown at {width} columns: {', '.join(DISPLAY_HEADERS[k] for k in hidden)} (a wider terminal, "
+              "COLUMNS=N when piped, or --format markdown shows them)." if hidden else "")
     console.print(LEGEND + (" ref = reported (not reproduced): a published figure, shown for context, never ranked "
-                            "among ours." if rows["reported"].any() else ""),
+                            "among ours." if rows["reported"].any() else "") + narrow,
                   soft_wrap=True)
     return buffer.getvalue()
+
+
+# figures are never cut: at a narrow width whole columns give way instead, the least needed first (never the cost
+# axis the front is drawn against); the text columns wrap
+GIVE_WAY = ("hparams", "source", "latency", "val_acc", "params", "vs_alone", "teacher", "macs")
+FIGURES = ("rank", "test_acc", "vs_alone", "val_acc", "params", "macs", "latency", "pareto")
+
+
+def fitting_table(console, title: str, shown: list[dict[str, str]], dim: list[bool], by: str):
+    """The widest table of `shown` that fits `console` without cutting a figure, and the columns left out."""
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    columns = list(DISPLAY_HEADERS)
+    give_way = [k for k in GIVE_WAY if k != by]  # `by` names its display column
+    while True:
+        table = Table(title=title)
+        for k in columns:
+            table.add_column(DISPLAY_HEADERS[k], no_wrap=k in FIGURES, overflow="fold")
+        for r, reported in zip(shown, dim):
+            table.add_row(*(r[k] for k in columns), style="dim" if reported else None)
+        if not give_way or Measurement.get(console, console.options, table).minimum <= console.width:
+            return table, [k for k in DISPLAY_HEADERS if k not in columns]
+        columns.remove(give_way.pop(0))
 
 
 def write_markdown_files(rows: pd.DataFrame, by: str, folder: Path) -> list[Path]:
