@@ -110,6 +110,8 @@ def _jsonable(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
     return value
 
 
@@ -142,6 +144,8 @@ def sweep(
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials at once; default cluster CPUs / resources.cpu")] = None,
     final_seeds: Annotated[int | None, typer.Option(min=0, help="re-run each method's best config on N seeds (overrides final.seeds)")] = None,
     rebuild_records: Annotated[bool, typer.Option("--rebuild-records", help="with --resume: rebuild a damaged records.json from MLflow and Ray's saved state")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with each method's best trial and final "
+                                                          "runs, nothing else on stdout")] = False,
 ) -> None:
     """Search every method's space with Optuna under Ray Tune (ASHA early stopping), recorded in MLflow.
 
@@ -180,13 +184,28 @@ def sweep(
         how = "stopped by SIGTERM" if stopped_by_sigterm() else "interrupted"
         err.print(f"{how}: finished trials are kept; `{again}` continues the sweep", highlight=False)
         raise typer.Exit(143 if stopped_by_sigterm() else 130) from None
-    _print_sweep_summary(cfg, outcome)
+    if as_json:
+        print(json.dumps(_jsonable(_sweep_summary(cfg, outcome)), sort_keys=True, default=str))
+    else:
+        _print_sweep_summary(cfg, outcome)
     missing = outcome.missing_finals()
     if missing:
         err.print("fewer final seeds than planned: " + ", ".join(f"{m} {n} of {outcome.final_seeds}"
                                                                  for m, n in missing.items())
                   + " (the others diverged or failed; the Sweeps page of `kdarena dashboard` shows why)", highlight=False)
         raise typer.Exit(1)
+
+
+def _sweep_summary(cfg, outcome) -> dict[str, Any]:
+    """What the summary table shows, as data: each method's best full-budget trial and its final runs."""
+    return {"sweep": cfg.name, "results": str(outcome.paths.root), "parent_run_id": outcome.parent_run_id,
+            "tracking_uri": outcome.tracking_uri, "final_seeds": outcome.final_seeds,
+            "methods": {method: {"student": record["tags"].get(Tag.STUDENT_LABEL), "run_id": record.get("run_id"),
+                                 "trial_config": record.get("trial_config"), "metrics": record["metrics"],
+                                 "final": outcome.finals.get(method)}
+                        for method, record in outcome.best.items()},
+            "no_full_budget_trial": [m for m in cfg.methods if m not in outcome.best],
+            "warm_started": outcome.warm_started or {}}
 
 
 def _print_sweep_summary(cfg, outcome) -> None:
