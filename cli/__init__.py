@@ -1,6 +1,9 @@
 """The `kdarena` command line: parses arguments, delegates, prints."""
 
-from . import recommend as _recommend  # noqa: F401  (registers `kdarena recommend` on the app)
+# each registers its commands on the app
+from . import leaderboard as _leaderboard  # noqa: F401
+from . import catalog as _catalog  # noqa: F401
+from . import recommend as _recommend  # noqa: F401
 from .app import app, main
 
 __all__ = ["app", "main"]

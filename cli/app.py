@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,15 +19,44 @@ from kdarena.training.tracking import quiet_mlflow
 from kdarena.zoo.errors import UserError
 
 app = typer.Typer(help="kdarena: search knowledge-distillation methods and rank the students they make.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 out = Console()
 err = Console(stderr=True)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"kdarena {version('kdarena')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _command_starts() -> None:
+def _command_starts(
+    _version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_print_version,
+                                           help="print the version and exit")] = False,
+) -> None:
     """Before any command: what MLflow reads when it is imported (the commands import it later)."""
     quiet_mlflow()
+
+
+def choices(name: str, *values: str) -> type[Enum]:
+    """An enumerated option's values, as a type typer lists in --help and matches (with `case_sensitive=False`)
+    whatever their case; a bad value exits 2 naming the choices."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+def value_of(option: Enum | None) -> str | None:
+    return None if option is None else option.value
+
+
+def json_format(fmt: Enum | None, as_json: bool) -> str | None:
+    """`--json` is `--format json`; given with another format it is a contradiction, refused."""
+    if as_json and value_of(fmt) not in ("json", None):
+        raise UserError(f"--json and --format {fmt.value} contradict each other; give one of them")
+    return "json" if as_json else value_of(fmt)
 
 
 def one_line(text: str) -> str:
@@ -54,13 +84,16 @@ def train(
     from kdarena.training.tracking import resolve_tracking_uri
 
     try:
-        cfg, raw = read_train_config(config, set_)
+        cfg, raw = read_train_config(config, set_, notice=lambda text: err.print(text, highlight=False))
         uri = resolve_tracking_uri(tracking_uri)
-        from .progress import TrainProgress
+        from .progress import ProgressLines, TrainProgress
         from kdarena.training.train_job import run_train
 
-        with TrainProgress(enabled=not as_json and err.is_terminal, console=err) as progress:
-            summary = run_train(cfg, uri, progress.callbacks(), source_config=raw)
+        if err.is_terminal:
+            with TrainProgress(enabled=not as_json, console=err) as progress:
+                summary = run_train(cfg, uri, progress.callbacks(), source_config=raw)
+        else:  # a log or a pipe: lines on stderr (stdout stays the table or the JSON)
+            summary = run_train(cfg, uri, ProgressLines(err).callbacks(), source_config=raw)
     except UserError as exc:
         _fail(exc)
     if as_json:
@@ -77,6 +110,8 @@ def _jsonable(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
     return value
 
 
@@ -109,6 +144,8 @@ def sweep(
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials at once; default cluster CPUs / resources.cpu")] = None,
     final_seeds: Annotated[int | None, typer.Option(min=0, help="re-run each method's best config on N seeds (overrides final.seeds)")] = None,
     rebuild_records: Annotated[bool, typer.Option("--rebuild-records", help="with --resume: rebuild a damaged records.json from MLflow and Ray's saved state")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with each method's best trial and final "
+                                                          "runs, nothing else on stdout")] = False,
 ) -> None:
     """Search every method's space with Optuna under Ray Tune (ASHA early stopping), recorded in MLflow.
 
@@ -133,7 +170,11 @@ def sweep(
             options = SweepOptions(address=address, resume=resume, storage=storage, tracking_uri=tracking_uri,
                                    max_concurrent=max_concurrent, final_seeds=final_seeds,
                                    rebuild_records=rebuild_records)
-            outcome = run_sweep(cfg, raw, options, view=view)
+            # the live view has the terminal; elsewhere the teacher's training (minutes) reports in lines
+            from .progress import ProgressLines
+
+            outcome = run_sweep(cfg, raw, options, view=view,
+                                callbacks=None if err.is_terminal else ProgressLines(err).callbacks())
     except UserError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -143,13 +184,28 @@ def sweep(
         how = "stopped by SIGTERM" if stopped_by_sigterm() else "interrupted"
         err.print(f"{how}: finished trials are kept; `{again}` continues the sweep", highlight=False)
         raise typer.Exit(143 if stopped_by_sigterm() else 130) from None
-    _print_sweep_summary(cfg, outcome)
+    if as_json:
+        print(json.dumps(_jsonable(_sweep_summary(cfg, outcome)), sort_keys=True, default=str))
+    else:
+        _print_sweep_summary(cfg, outcome)
     missing = outcome.missing_finals()
     if missing:
         err.print("fewer final seeds than planned: " + ", ".join(f"{m} {n} of {outcome.final_seeds}"
                                                                  for m, n in missing.items())
                   + " (the others diverged or failed; the Sweeps page of `kdarena dashboard` shows why)", highlight=False)
         raise typer.Exit(1)
+
+
+def _sweep_summary(cfg, outcome) -> dict[str, Any]:
+    """What the summary table shows, as data: each method's best full-budget trial and its final runs."""
+    return {"sweep": cfg.name, "results": str(outcome.paths.root), "parent_run_id": outcome.parent_run_id,
+            "tracking_uri": outcome.tracking_uri, "final_seeds": outcome.final_seeds,
+            "methods": {method: {"student": record["tags"].get(Tag.STUDENT_LABEL), "run_id": record.get("run_id"),
+                                 "trial_config": record.get("trial_config"), "metrics": record["metrics"],
+                                 "final": outcome.finals.get(method)}
+                        for method, record in outcome.best.items()},
+            "no_full_budget_trial": [m for m in cfg.methods if m not in outcome.best],
+            "warm_started": outcome.warm_started or {}}
 
 
 def _print_sweep_summary(cfg, outcome) -> None:
@@ -187,11 +243,16 @@ def _print_sweep_summary(cfg, outcome) -> None:
               f"`kdarena export {outcome.paths.root} --top 3` for re-runnable configs.", highlight=False)
 
 
+ExportFormat = choices("ExportFormat", "yaml", "json")
+
+
 @app.command()
 def export(
     sweep_ref: Annotated[str, typer.Argument(metavar="SWEEP", help="sweep directory, sweep file, or sweep name")],
     top: Annotated[int | None, typer.Option(min=1, help="how many configs; default 1 (multi-objective: the whole Pareto set)")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="yaml (kdarena train configs) or json (configs with their scores)")] = "yaml",
+    fmt: Annotated[ExportFormat | None, typer.Option("--format", case_sensitive=False,
+                                            help="yaml (kdarena train configs) or json (configs with their scores); default yaml")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the same as --format json")] = False,
     # text, not a Path: a Path would drop the trailing "/" that asks for a new folder
     output: Annotated[str | None, typer.Option("-o", "--output", help="a file, or DIR/ for one file per config")] = None,
 ) -> None:
@@ -199,8 +260,7 @@ def export(
     from kdarena.search.export import find_sweep_dir, ranked_trials, render, write
 
     try:
-        if fmt not in ("yaml", "json"):
-            raise UserError(f"--format {fmt!r}: choose yaml or json")
+        fmt = json_format(fmt, as_json) or "yaml"
         sweep_dir = find_sweep_dir(sweep_ref)
         _, entries = ranked_trials(sweep_dir, top)
         paths = write(entries, fmt, Path(output) if output else None, as_dir=bool(output) and output.endswith(("/", os.sep)))
@@ -229,84 +289,6 @@ def sync(
         _fail(exc)
     err.print(f"{sweep_dir.name}: {waiting} trial(s) sent; MLflow has every trial" if waiting
               else f"{sweep_dir.name}: nothing to send; MLflow has every trial", highlight=False)
-
-
-@app.command()
-def leaderboard(
-    dataset: Annotated[str | None, typer.Option(help="only this dataset: its name as shown, its label (every dataset "
-                                                      "with that label) or the start of its fingerprint")] = None,
-    teacher: Annotated[str | None, typer.Option(help="only this teacher, by its label, e.g. 'cnn(channels=16)' or resnet56")] = None,
-    by: Annotated[str, typer.Option(help="cost axis of the Pareto front: macs, params or latency")] = "macs",
-    pareto_only: Annotated[bool, typer.Option("--pareto-only", help="only our rows on the Pareto front")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="write to FILE instead of stdout")] = None,
-    export_dir: Annotated[Path | None, typer.Option("--export", metavar="DIR", help="write DIR/<dataset>.md, one Markdown file per dataset")] = None,
-    references: Annotated[bool, typer.Option("--references/--no-references", help="show the published results beside ours")] = True,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
-) -> None:
-    """Rank the students (by val_acc, then MACs, then seeds) with test accuracy ± 95 % CI, the difference from the
-    student alone, their cost, the Pareto front and the published results."""
-    from kdarena.leaderboards import board as lb
-    from kdarena.leaderboards import references as refs_of
-    from kdarena.leaderboards import render
-    from kdarena.leaderboards.runs import read_runs
-    from kdarena.training.tracking import resolve_tracking_uri
-
-    try:
-        if by not in ("macs", "params", "latency"):
-            raise UserError(f"--by {by!r}: choose macs, params or latency")
-        if fmt not in render.FORMATS:
-            raise UserError(f"--format {fmt!r}: choose {', '.join(render.FORMATS)}")
-        if export_dir is not None and export_dir.exists() and not export_dir.is_dir():
-            raise UserError(f"--export {export_dir}: not a directory; pass a folder such as leaderboards/")
-        uri = resolve_tracking_uri(tracking_uri)
-        runs = read_runs(uri)
-        if runs.empty:
-            _empty_store(f"No kdarena runs in {uri} yet.", fmt, output)
-            return
-        board = lb.leaderboard(runs, dataset=dataset, teacher=teacher, by=by)
-        if pareto_only:
-            board = board[board["pareto"]]
-        # the published results stand after ours: the same dataset's first, then the other datasets'
-        refs = refs_of.reference_rows(dataset, teacher) if references else refs_of.reference_rows().iloc[0:0]
-        if board.empty:
-            if dataset is None and teacher is None:
-                _empty_store(f"No finished full-budget run in {uri} yet ({len(runs)} runs recorded: stopped early, "
-                             "diverged, failed or still running).", fmt, output)
-                return
-            if refs.empty:
-                lb.check_filters(runs, dataset, teacher)
-            err.print("none of our runs match; showing the published results only", highlight=False)
-        rows = refs_of.with_references(board, refs)
-        if export_dir is not None:
-            for path in render.write_markdown_files(rows, by, export_dir):
-                err.print(f"wrote {path}", highlight=False)
-            if output is None:
-                return
-        color = output is None and out.is_terminal
-        # a terminal gets its own width and colours; a pipe or a file gets room for every column
-        text = render.render(rows, fmt, by, color=color, width=out.width if color else 220)
-        if output is not None:
-            render.write_atomic(output, text)
-            err.print(f"wrote {output}", highlight=False)
-        else:
-            print(text, end="" if text.endswith("\n") else "\n")
-    except UserError as exc:
-        _fail(exc)
-
-
-def _empty_store(message: str, fmt: str, output: Path | None) -> None:
-    from kdarena.leaderboards.render import QUICKSTART_COMMAND, empty_document, write_atomic
-
-    hint = f"{message} Start with `{QUICKSTART_COMMAND}` (a few minutes on a laptop), then run `kdarena leaderboard` again."
-    if fmt in ("csv", "json"):  # machine formats stay parseable: an empty document on stdout, the hint on stderr
-        if output is not None:
-            write_atomic(output, empty_document(fmt))
-        else:
-            print(empty_document(fmt), end="")
-        err.print(hint, highlight=False, soft_wrap=True)
-    else:
-        out.print(hint, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -346,56 +328,6 @@ def dashboard(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, args, env)  # streamlit takes over this process: Ctrl-C and kill reach it directly
-
-
-@app.command()
-def models(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """List the model zoo with params and MACs at each model's default input."""
-    from kdarena.zoo.cost import profile_cost
-    from kdarena.zoo.models import MODELS, build_model
-
-    rows = []
-    for name, entry in sorted(MODELS.items()):
-        model = build_model(name, num_classes=entry.num_classes, in_channels=entry.in_channels, input_size=entry.input_size)
-        cost = profile_cost(model, in_channels=entry.in_channels, input_size=entry.input_size, latency_repeats=0)
-        rows.append({"name": name, "params": cost.params, "macs": cost.macs, "flops": cost.flops,
-                     "input": [entry.in_channels, entry.input_size, entry.input_size], "num_classes": entry.num_classes,
-                     "summary": entry.summary})
-    if as_json:
-        print(json.dumps(rows))
-        return
-    table = Table("model", "params", "MACs", "input (C×H×W), classes", "")
-    for r in rows:
-        c, h, w = r["input"]
-        table.add_row(r["name"], f"{r['params']:,}", f"{r['macs']:,}", f"{c}×{h}×{w}, {r['num_classes']}", r["summary"])
-    out.print(table)
-
-
-@app.command()
-def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """List the distillation methods with their defaults and search spaces."""
-    from kdarena.methods import METHODS
-    from kdarena.methods.space import COMMON_SPACE
-
-    rows = [{"name": name, "needs_teacher": m.needs_teacher, "defaults": m.Params().model_dump(mode="json"),
-             "space": {k: d.to_json() for k, d in (m.space | COMMON_SPACE).items()},
-             "doc": (sys.modules[m.__module__].__doc__ or "").strip().splitlines()[0], "reference": m.reference}
-            for name, m in METHODS.items()]
-    if as_json:
-        print(json.dumps(rows))
-        return
-    table = Table("method", "defaults", "search space", "what, and the reference it follows")
-    for r in rows:
-        space = ", ".join(f"{k} {_dim(d)}" for k, d in r["space"].items())
-        defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items()) or "—"
-        table.add_row(r["name"], defaults, space, f"{r['doc']}\n{r['reference']}")
-    out.print(table)
-
-
-def _dim(d: dict[str, Any]) -> str:
-    if d["type"] == "categorical":
-        return "{" + ", ".join(map(str, d["choices"])) + "}"
-    return f"[{d['low']:g}, {d['high']:g}]" + (" log" if d["log"] else "")
 
 
 def main() -> None:

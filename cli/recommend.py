@@ -12,9 +12,10 @@ import yaml
 from kdarena.training.record import Metric
 from kdarena.zoo.errors import UserError
 
-from .app import _fail, app, err, out
+from .app import _fail, app, choices, err, json_format, out
 
 FORMATS = ("table", "json")
+Format = choices("Format", *FORMATS)
 EXIT_NO_EVIDENCE = 1
 
 
@@ -75,7 +76,8 @@ def recommend(
     max_macs: Annotated[float | None, typer.Option(help="the student's MACs at most (one image)")] = None,
     max_params: Annotated[float | None, typer.Option(help="the student's parameters at most")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="the student's measured CPU latency at most, ms")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    fmt: Annotated[Format | None, typer.Option("--format", case_sensitive=False, help="default table")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the same as --format json")] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the recommended config here: "
                                                                       "`kdarena train FILE` re-runs it")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")] = None,
@@ -90,8 +92,7 @@ def recommend(
     from kdarena.training.tracking import resolve_tracking_uri
 
     try:
-        if fmt not in FORMATS:
-            raise UserError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+        fmt = json_format(fmt, as_json) or "table"
         if output is not None and output.is_dir():
             raise UserError(f"-o {output}: a folder; pass a file name such as best.yaml")
         budget = _budget(max_macs, max_params, max_latency_ms)

@@ -124,6 +124,25 @@ def reference_rows(dataset: str | None = None, teacher: str | Iterable[str] | No
     return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS + REFERENCE_EXTRA)
 
 
+#: which published results the leaderboard shows: auto = those of the datasets it ranks (or the one asked for)
+REFERENCE_MODES = ("auto", "all", "none")
+
+
+def published(board: pd.DataFrame, mode: str, dataset: str | None = None,
+              teacher: str | Iterable[str] | None = None) -> pd.DataFrame:
+    """The reference rows `mode` asks for beside `board` (filtered like it by `dataset` and `teacher`).
+
+    `auto` keeps a reader's first view short: only the datasets with rows of
+    ours, or, when a dataset is named, that dataset's published results.
+    """
+    if mode == "none":
+        return reference_rows().iloc[0:0]
+    refs = reference_rows(dataset, teacher)
+    if mode == "auto" and dataset is None:
+        refs = refs[refs["dataset"].isin(set(board["dataset_label"]))]
+    return refs
+
+
 def with_references(board: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
     """Our rows, then the reference rows of the same dataset label, label by label (for tables and exports)."""
     labels = list(dict.fromkeys(board["dataset_label"].tolist() + references["dataset"].tolist()))

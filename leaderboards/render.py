@@ -103,21 +103,68 @@ def render(rows: pd.DataFrame, fmt: str, by: str, *, color: bool = False, width:
     if fmt == "json":
         return json.dumps(json.loads(frame_for_export(rows).to_json(orient="records", double_precision=15)), indent=2) + "\n"
     from rich.console import Console
-    from rich.table import Table
 
     buffer = io.StringIO()
-    console = Console(file=buffer, width=width, force_terminal=color, no_color=not color, highlight=False)
+
+    def console_of(columns: int) -> Console:
+        return Console(file=buffer, width=columns, force_terminal=color, no_color=not color, highlight=False)
+
+    console = console_of(width)
     cost = {"macs": "MACs", "params": "params", "latency": "latency"}[by]
+    hidden: dict[str, None] = {}
     for ds in dict.fromkeys(rows["dataset"]):
-        table = Table(*DISPLAY_HEADERS.values(),
-                      title=f"{ds}: ranked by val_acc, then MACs, then seeds; ★ = Pareto front vs {cost}")
-        for r, raw in zip(display_rows(rows[rows["dataset"] == ds]), rows[rows["dataset"] == ds]["reported"]):
-            table.add_row(*(r[k] for k in DISPLAY_HEADERS), style="dim" if raw else None)
-        console.print(table)
+        part = rows[rows["dataset"] == ds]
+        table, table_width, dropped = fitting_table(
+            console, f"{ds}: ranked by val_acc, then MACs, then seeds; ★ = Pareto front vs {cost}",
+            display_rows(part), part["reported"].tolist(), by)
+        hidden.update(dict.fromkeys(dropped))
+        (console if table_width <= width else console_of(table_width)).print(table)
+    narrow = (f" Not shown at {width} columns: {', '.join(DISPLAY_HEADERS[k] for k in hidden)} (a wider terminal, "
+              "COLUMNS=N when piped, or --format markdown shows them)." if hidden else "")
     console.print(LEGEND + (" ref = reported (not reproduced): a published figure, shown for context, never ranked "
-                            "among ours." if rows["reported"].any() else ""),
+                            "among ours." if rows["reported"].any() else "") + narrow,
                   soft_wrap=True)
     return buffer.getvalue()
+
+
+# figures are never cut: at a narrow width whole columns give way instead, the least needed first (never the cost
+# axis the front is drawn against), and the text columns fold, down to TEXT_MIN characters
+GIVE_WAY = ("hparams", "source", "latency", "val_acc", "params", "vs_alone", "teacher", "macs")
+FIGURES = ("rank", "test_acc", "vs_alone", "val_acc", "params", "macs", "latency", "pareto")
+TEXT_MIN = 8
+
+
+def fitting_table(console, title: str, shown: list[dict[str, str]], dim: list[bool], by: str):
+    """The widest table of `shown` that fits `console` without cutting a figure, its width, and the columns left
+    out; when even the fewest columns are wider than the console, the table is wider (the terminal wraps it)."""
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    natural = {k: max(cell_len(text) for text in [DISPLAY_HEADERS[k], *(r[k] for r in shown)]) for k in DISPLAY_HEADERS}
+
+    def least(k: str) -> int:
+        return natural[k] if k in FIGURES else min(natural[k], TEXT_MIN)
+
+    def frame(columns: list[str]) -> int:  # a space either side of each column and a rule between and around
+        return 3 * len(columns) + 1
+
+    columns = list(DISPLAY_HEADERS)
+    give_way = [k for k in GIVE_WAY if k != by]  # `by` names its display column
+    while give_way and sum(map(least, columns)) + frame(columns) > console.width:
+        columns.remove(give_way.pop(0))
+    # every column's width set here: rich's own shrinking would cut figures
+    widths = {k: least(k) for k in columns}
+    spare = console.width - sum(widths.values()) - frame(columns)
+    for k in sorted((k for k in columns if k not in FIGURES), key=lambda k: natural[k]):
+        extra = max(0, min(natural[k] - widths[k], spare))
+        widths[k] += extra
+        spare -= extra
+    table = Table(title=title)
+    for k in columns:
+        table.add_column(DISPLAY_HEADERS[k], width=widths[k], no_wrap=k in FIGURES, overflow="fold")
+    for r, reported in zip(shown, dim):
+        table.add_row(*(r[k] for k in columns), style="dim" if reported else None)
+    return table, sum(widths.values()) + frame(columns), [k for k in DISPLAY_HEADERS if k not in columns]
 
 
 def write_markdown_files(rows: pd.DataFrame, by: str, folder: Path) -> list[Path]:

@@ -380,3 +380,8 @@ def sweep_workspace(work: Path) -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def unboxed(text: str) -> str:
+    """A CLI's output with typer's error box and its line wrapping taken away: the message as one line."""
+    return " ".join(text.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())

@@ -258,7 +258,7 @@ def test_a_diverged_run_exits_1_with_or_without_json(as_json, migrated_store, tm
     assert run.data.tags["kdarena.status"] == "diverged" and run.info.status == "FAILED"
 
 
-def test_models_and_methods_listings():
+def test_models_and_methods_listings(cache_env):
     models = json.loads(CliRunner().invoke(app, ["models", "--json"]).stdout)
     by_name = {m["name"]: m for m in models}
     assert by_name["resnet20"]["params"] == pytest.approx(278_324, rel=0.02)

@@ -8,6 +8,7 @@ teacher's weights: the file `kdarena train` re-runs exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import known_models, resolve
 from kdarena.zoo.models.formats import FORMATS
 
-from .documents import apply_overrides, format_validation_error, load_yaml, show, validate_document
+from .documents import apply_overrides, format_validation_error, load_documents, show, validate_document
 
 
 class Strict(BaseModel):
@@ -150,12 +151,18 @@ def get_method_or_error(name: str, source: str):
     return get_method(name)
 
 
-def read_train_config(path: str | Path | None, overrides: list[str]) -> tuple[TrainConfig, Any]:
+def read_train_config(path: str | Path | None, overrides: list[str],
+                      notice: Callable[[str], None] = lambda _: None) -> tuple[TrainConfig, Any]:
     """What `kdarena train` validates before any work: the file (or the default config), `--set` edits, the fields.
 
-    Returns the config and the document it came from; every problem is a UserError.
+    Returns the config and the document it came from; every problem is a UserError. A file of several
+    documents (`kdarena export --top K` to stdout: best first) gives its first, and `notice` says so.
     """
-    raw = load_yaml(path) if path is not None else {}
+    docs = load_documents(path) if path is not None else [{}]
+    if len(docs) > 1:
+        notice(f"{path} holds {len(docs)} configs; training the first (`kdarena export SWEEP --top K -o DIR/` "
+               "writes one file per config)")
+    raw = docs[0] if docs else None
     raw = apply_overrides(raw, overrides)
     return parse_config(raw, str(path or "default config")), raw
 

@@ -198,7 +198,15 @@ def read_yaml_text(text: str, fix_syntax: str = "fix the file's syntax") -> list
 
 
 def load_yaml(path: str | Path) -> Any:
-    """Safe YAML from a file: no Python tags, a clear error for a bad file."""
+    """Safe YAML from a file holding one document: no Python tags, a clear error for a bad file."""
+    docs = load_documents(path)
+    if len(docs) > 1:
+        raise UserError(f"{path} holds {len(docs)} YAML documents; kdarena reads one per file")
+    return docs[0] if docs else None
+
+
+def load_documents(path: str | Path) -> list[Any]:
+    """Every YAML document of a file, safely (no Python tags); a clear error for a bad file."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; pass the path of a YAML file")
@@ -211,13 +219,9 @@ def load_yaml(path: str | Path) -> Any:
     except OSError as exc:
         raise UserError(f"cannot read {path} ({exc.strerror or exc}); check the file's permissions") from None
     try:
-        docs = read_yaml_text(text)
+        return read_yaml_text(text)
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None
-    if len(docs) > 1:
-        raise UserError(f"{path} holds {len(docs)} YAML documents; kdarena reads one config per file "
-                        "(`kdarena export SWEEP --top K -o DIR/` writes one file each)")
-    return docs[0] if docs else None
 
 
 def apply_overrides(raw: Any, overrides: list[str]) -> Any:

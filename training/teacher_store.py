@@ -27,6 +27,7 @@ import torch
 
 from kdarena.methods.engine import FitResult
 from kdarena.zoo.data import Dataset
+from kdarena.zoo.cache import cache_root
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import StagedModel
 from kdarena.zoo.models.formats import WRAPPERS, load_state, unwrap
@@ -39,7 +40,7 @@ STORE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("KDARENA_CACHE", Path.home() / ".cache" / "kdarena")) / "teachers"
+    return cache_root() / "teachers"
 
 
 def teacher_key(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset) -> str:
