@@ -26,7 +26,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kdarena.training.identity import dataset_tags, mlflow_dataset
-from kdarena.training.record import Metric as RecordMetric, Role, Status, Tag
+from kdarena.training.record import Artifact, Metric as RecordMetric, Role, Status, Tag
+from kdarena.training.student_card import student_card, write_card
 
 from kdarena.training.config import config_yaml, export_config
 from .records import SweepRecords, epochs_done
@@ -180,7 +181,8 @@ class Mirror:
         return len(self.pending())
 
     def _best_students(self) -> None:
-        """Each method's best student as `student.pt` (a plain state_dict) in its run; the overall best also in the parent."""
+        """Each method's best student as `student.pt` (a plain state_dict) and its card `student.json` in its run; the
+        overall best also in the parent."""
         import tempfile
 
         import torch
@@ -195,15 +197,24 @@ class Mirror:
             state = torch.load(source, map_location="cpu", weights_only=True)["distiller"]
             student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "student.pt"
+                path = Path(tmp) / Artifact.STUDENT
                 torch.save(student, path)
-                self.client.log_artifact(record["run_id"], str(path))
+                files = [path] + ([write_card(self._card(record), Path(tmp))] if self.records.data.get("student_input")
+                                  else [])  # records of a sweep started before model cards: the weights alone
+                for file in files:
+                    self.client.log_artifact(record["run_id"], str(file))
                 if i == 0:
                     parent = self.records.data["parent_run_id"]
-                    self.client.log_artifact(parent, str(path))
+                    for file in files:
+                        self.client.log_artifact(parent, str(file))
                     self.client.set_tag(parent, Tag.BEST_RUN_ID, record["run_id"])
             record["student_logged"] = True
             self.records.save()
+
+    def _card(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The trial's student card, from its config, the sweep's data and teacher, and its final scores."""
+        return student_card(record["config"], self.records.data["student_input"], self.records.data.get("dataset"),
+                            record["metrics"], (self.records.data.get("teacher") or {}).get("sha256"))
 
     # -- reachability --------------------------------------------------------------------
     def _went_offline(self, exc: BaseException) -> None:
