@@ -131,6 +131,29 @@ def test_mlflow_has_parent_and_one_child_per_trial_with_prefixed_params(small_sw
     model.load_state_dict(torch.load(local, weights_only=True))
 
 
+def test_each_methods_best_student_has_its_card_and_deploys(small_sweep, monkeypatch):
+    work, _ = small_sweep
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    records = _records(work / "kdarena-sweeps" / "small")
+    for method, key in records["best"].items():
+        record = records["trials"][key]
+        card = json.loads(Path(client.download_artifacts(record["run_id"], "student.json", str(work / method)))
+                          .read_text())
+        assert card["student"]["arch"] == record["config"]["student"]["arch"] and card["method"]["name"] == method
+        assert card["classes"]["count"] == 10 and card["input"]["channels"] == 1 and card["input"]["size"] == 8
+        assert card["scores"]["test_acc"] == pytest.approx(record["metrics"]["test_acc"])
+        # the teacher is named where the method learns from it, with the sweep's teacher's sha256
+        teacher = records["teacher"]["sha256"] if method == "kd" else None
+        assert (card["teacher"] or {}).get("sha256") == teacher
+        assert card["config"]["method"]["params"] == record["config"]["method"]["params"]
+    monkeypatch.chdir(work)
+    best = records["trials"][records["best"]["kd"]]["run_id"]
+    result = CliRunner().invoke(app, ["deploy", best, "--format", "exported-program", "-o", "best.pt2",
+                                      "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["max_abs_diff"] <= 1e-4 and (work / "best.pt2").is_file()
+
+
 def test_final_runs_repeat_each_best_config_on_seeds(small_sweep):
     work, _ = small_sweep
     records = _records(work / "kdarena-sweeps" / "small")
