@@ -138,6 +138,24 @@ def test_register_logs_an_mlflow_model_that_loads_back_with_the_same_outputs(sto
     info = mlflow.models.get_model_info("models:/digits-student/1")
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 8, 8]
     assert MlflowClient(store["uri"]).get_model_version("digits-student", "1").run_id == store["run_id"]
+    # it loads where kdarena cannot be imported: what `mlflow models serve` runs needs torch and MLflow alone
+    without = ("import sys, json, torch, mlflow\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'kdarena':\n"
+               "            raise ImportError('blocked')\n"
+               "sys.meta_path.insert(0, Block())\n"
+               f"mlflow.set_tracking_uri({store['uri']!r})\n"
+               "model = mlflow.pytorch.load_model('models:/digits-student/1')\n"
+               "torch.manual_seed(0)\n"
+               "print(json.dumps(model(torch.rand(2, 1, 8, 8)).tolist()))\n")
+    done = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reference = _reference(store)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = reference(torch.rand(2, 1, 8, 8))
+    assert torch.allclose(torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])), expected, atol=1e-5)
     # a second registration is the name's next version
     again = _cli("deploy", store["run_id"], "--register", "digits-student", "--json")
     assert json.loads(again.stdout)["registered"]["version"] == "2"

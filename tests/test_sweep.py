@@ -146,6 +146,28 @@ def test_each_methods_best_student_has_its_card_and_deploys(small_sweep, monkeyp
         teacher = records["teacher"]["sha256"] if method == "kd" else None
         assert (card["teacher"] or {}).get("sha256") == teacher
         assert card["config"]["method"]["params"] == record["config"]["method"]["params"]
+    # the students the sweep finishes with — each best trial, each final run — are MLflow models too: the student
+    # with its normalisation, taking raw pixels, as its weights and card rebuild it
+    import mlflow
+    import torch
+
+    from kdarena.training.deploy import normalised, raw_pixels
+    from kdarena.training.student_card import build_student, read_card
+
+    finals = [r for r in records["trials"].values() if r["phase"] == "final" and r["status"] == "completed"]
+    assert len(finals) == 4
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    for record in [*(records["trials"][key] for key in records["best"].values()), *finals]:
+        names = {a.path for a in client.list_artifacts(record["run_id"])}
+        assert {"student.pt", "student.json", "student-model"} <= names, names
+    folder = work / "final-student"
+    for name in ("student.pt", "student.json"):
+        client.download_artifacts(finals[0]["run_id"], name, str(folder))
+    card = read_card(folder / "student.json")
+    x = raw_pixels(card, 3, seed=5)
+    logged = mlflow.pytorch.load_model(f"runs:/{finals[0]['run_id']}/student-model")
+    with torch.no_grad():
+        assert torch.allclose(logged(x), normalised(build_student(card, folder / "student.pt"), card)(x), atol=1e-5)
     monkeypatch.chdir(work)
     best = records["trials"][records["best"]["kd"]]["run_id"]
     result = CliRunner().invoke(app, ["deploy", best, "--format", "exported-program", "-o", "best.pt2",

@@ -13,7 +13,9 @@ export or check leaves nothing behind.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,14 +132,19 @@ def export(model: Normalised, card: dict[str, Any], fmt: str, output: Path) -> E
     return Exported(fmt, output, worst, batches)
 
 
-def traced(model: Normalised, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """TorchScript by tracing: the zoo's networks have no data-dependent control flow."""
-    with torch.no_grad():
-        return torch.jit.trace(model, example)
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """PyTorch warns on every TorchScript call that TorchScript is deprecated: the user chose the format (the
+    README points to exported-program), so the warning is not news."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
 
 
 def _write_torchscript(model: Normalised, example: torch.Tensor, path: Path) -> None:
-    torch.jit.save(traced(model, example), str(path))
+    """TorchScript by tracing: the zoo's networks have no data-dependent control flow."""
+    with _quiet_jit(), torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, example), str(path))
 
 
 def _batch_dim() -> dict[str, dict[int, Any]]:
@@ -155,7 +162,8 @@ def _write_onnx(model: Normalised, example: torch.Tensor, path: Path) -> None:
 
 
 def _run_torchscript(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    module = torch.jit.load(str(path), map_location="cpu")
+    with _quiet_jit():
+        module = torch.jit.load(str(path), map_location="cpu")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -69,8 +69,8 @@ def _from_run(run_id: str, tracking_uri: str) -> Student:
                         "student is not one to deploy; pick a completed run")
     names = {a.path for a in client.list_artifacts(run_id)}
     if Artifact.STUDENT not in names:
-        raise UserError(f"run {run_id} holds no {Artifact.STUDENT}: a sweep keeps the student of each method's best "
-                        "trial only (its parent run names the overall best); deploy one of those")
+        raise UserError(f"run {run_id} holds no {Artifact.STUDENT}: a sweep keeps the students of each method's best "
+                        "trial and final runs only (its parent run names the overall best); deploy one of those")
     if Artifact.CARD not in names:
         raise UserError(f"run {run_id} has no {Artifact.CARD} (it was recorded by a kdarena without model cards); "
                         f"re-run its config.yaml with `kdarena train` to get a deployable student")
@@ -78,6 +78,25 @@ def _from_run(run_id: str, tracking_uri: str) -> Student:
         for name in (Artifact.STUDENT, Artifact.CARD):
             download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp, tracking_uri=tracking_uri)
         return _from_folder(Path(tmp), f"run {run_id}", run_id)
+
+
+def save_mlflow_model(model: Normalised, card: dict[str, Any], folder: Path) -> Path:
+    """`model` as an MLflow model (pytorch flavour, signature, input example) in `folder`/student-model, to log
+    into its run: what `--register` registers and what a sweep logs for the students it finishes with."""
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    example = raw_pixels(card, 2)
+    with torch.no_grad():
+        logits = model(example)
+    local = folder / Artifact.MODEL
+    # pt2, `torch.export`: loaded without unpickling code or kdarena; the example's batch of 2 keeps the batch
+    # dimension dynamic. The requirements are given, not inferred: inference would load the model in a subprocess
+    # only to find torch
+    mlflow.pytorch.save_model(model, str(local), serialization_format="pt2",
+                              signature=infer_signature(example.numpy(), logits.numpy()), input_example=example.numpy(),
+                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    return local
 
 
 @dataclass
@@ -90,9 +109,7 @@ class Registered:
 def register(student: Student, name: str, tracking_uri: str) -> Registered:
     """Log the student (normalisation included) as an MLflow model in its run; register it as `name`."""
     import mlflow
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
     if student.run_id is None:
@@ -100,20 +117,10 @@ def register(student: Student, name: str, tracking_uri: str) -> Registered:
                         f"{student.where} is a local folder")
     if not name.strip():
         raise UserError("--register NAME: give the registered model a name")
-    example = raw_pixels(student.card, 2)
-    with torch.no_grad():
-        logits = student.model(example)
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Artifact.MODEL
-        # MLflow's default format outside Databricks: `torch.export` (pt2), loaded without unpickling code or
-        # kdarena; the example has a batch of 2, so the batch dimension stays dynamic. The requirements are given,
-        # not inferred: inference would load the model in a subprocess only to find torch
-        mlflow.pytorch.save_model(student.model, str(local), serialization_format="pt2",
-                                  signature=infer_signature(example.numpy(), logits.numpy()),
-                                  input_example=example.numpy(),
-                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        client.log_artifacts(student.run_id, str(local), artifact_path=Artifact.MODEL)
+        client.log_artifacts(student.run_id, str(save_mlflow_model(student.model, student.card, Path(tmp))),
+                             artifact_path=Artifact.MODEL)
     mlflow.set_tracking_uri(tracking_uri)
     try:
         version = mlflow.register_model(f"runs:/{student.run_id}/{Artifact.MODEL}", name)
