@@ -216,3 +216,22 @@ def test_onnx_without_the_deploy_extra_names_the_extra(store, tmp_path):
     assert done.returncode == 2, done.stderr
     assert "pip install 'kdarena[deploy]'" in done.stderr and "onnxruntime" in done.stderr
     assert not out.exists()
+
+
+def test_runs_without_a_deployable_student_exit_2(store, tmp_path):
+    client = MlflowClient(store["uri"])
+    run = client.get_run(store["run_id"])
+    (teacher,) = client.search_runs([run.info.experiment_id], filter_string="tags.`kdarena.role` = 'teacher'")
+    # a student run recorded before model cards: its weights, no card
+    older = client.create_run(run.info.experiment_id, tags={"kdarena.role": "train"}).info.run_id
+    client.log_artifact(older, str(store["folder"] / "student.pt"))
+    diverged = _cli("train", "--json", "--set", "method.name=baseline", "--set", "train.lr=1e4",
+                    "--set", "train.epochs=2", "--set", "student.options.channels=4")
+    assert diverged.exit_code == 1, diverged.output
+    cases = {teacher.info.run_id: "holds no student.pt",
+             older: "has no student.json (it was recorded by a kdarena without model cards)",
+             json.loads(diverged.stdout)["run_id"]: "ended diverged (non-finite"}
+    for run_id, says in cases.items():
+        result = _cli("deploy", run_id, "--format", "torchscript", "-o", str(tmp_path / "s.ts"))
+        assert result.exit_code == 2 and says in result.output, result.output
+    assert not (tmp_path / "s.ts").exists()
