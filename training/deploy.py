@@ -33,7 +33,7 @@ DEPLOY_EXTRA = "pip install 'kdarena[deploy]'"
 
 
 class CheckFailed(Exception):
-    """The exported model's outputs differ from PyTorch's by more than `TOLERANCE` (or are not finite)."""
+    """The export failed, or its outputs differ from PyTorch's by more than `TOLERANCE` (or are not finite)."""
 
 
 class Normalised(nn.Module):
@@ -110,8 +110,13 @@ def export(model: Normalised, card: dict[str, Any], fmt: str, output: Path) -> E
     partial = output.with_name(f".{output.name}.partial")
     batches = (1, CHECK_BATCH)
     try:
-        _WRITERS[fmt](model, raw_pixels(card, 2), partial)
-        run = _RUNNERS[fmt](partial)
+        try:
+            _WRITERS[fmt](model, raw_pixels(card, 2), partial)
+            run = _RUNNERS[fmt](partial)
+        except Exception as exc:  # the exporters raise their own kinds (dynamo, ONNX, TorchScript): one line each
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise CheckFailed(f"PyTorch could not write or reload the student as {fmt} ({type(exc).__name__}: {first}); "
+                              f"{output} was not written; another --format may work") from exc
         diffs = []
         for batch in batches:
             x = raw_pixels(card, batch, seed=batch)
