@@ -26,7 +26,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kdarena.training.identity import dataset_tags, mlflow_dataset
-from kdarena.training.record import Metric as RecordMetric, Role, Status, Tag
+from kdarena.training.record import Artifact, Metric as RecordMetric, Role, Status, Tag
+from kdarena.training.student_card import student_card, write_card
+from kdarena.training.student_runs import save_mlflow_model
 
 from kdarena.training.config import config_yaml, export_config
 from .records import SweepRecords, epochs_done
@@ -167,7 +169,7 @@ class Mirror:
             while self.records.data.get("runs_to_delete"):  # runs of trials a killed driver lost
                 self.client.delete_run(self.records.data["runs_to_delete"][0])
                 self.records.data["runs_to_delete"].pop(0)
-            self._best_students()
+            self._students()
             status = self.records.data.get("status")
             if status and self.records.data.get("parent_synced") != status:
                 self.client.set_terminated(self.records.data["parent_run_id"], status)
@@ -179,31 +181,51 @@ class Mirror:
             self.records.save()
         return len(self.pending())
 
-    def _best_students(self) -> None:
-        """Each method's best student as `student.pt` (a plain state_dict) in its run; the overall best also in the parent."""
+    def _students(self) -> None:
+        """The students the sweep finishes with — each method's best trial and each completed final run — as
+        `student.pt` (a plain state_dict), its card `student.json` and the MLflow model `student-model` (pytorch
+        flavour, normalisation included) in their runs; the overall best's weights and card also in the parent."""
         import tempfile
 
         import torch
 
+        from kdarena.training.deploy import normalised
+        from kdarena.training.student_card import build_student
+
         from .checkpoints import CHECKPOINT_FILE
 
-        best = [self.records.trials[key] for key in self.records.data.get("best", {}).values()]
-        for i, record in enumerate(sorted(best, key=lambda r: -r["metrics"]["val_acc"])):
+        best = sorted((self.records.trials[key] for key in self.records.data.get("best", {}).values()),
+                      key=lambda r: -r["metrics"]["val_acc"])
+        finals = [r for r in self.records.trials.values() if r["phase"] == Role.FINAL and r["status"] == Status.COMPLETED]
+        for record in best + finals:
             source = Path(record.get("checkpoint") or "") / CHECKPOINT_FILE
-            if record.get("student_logged") or not source.is_file():
+            if record.get("student_logged") or not source.is_file() or not record.get("run_id"):
                 continue
             state = torch.load(source, map_location="cpu", weights_only=True)["distiller"]
             student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "student.pt"
+                path = Path(tmp) / Artifact.STUDENT
                 torch.save(student, path)
-                self.client.log_artifact(record["run_id"], str(path))
-                if i == 0:
+                files = [path]
+                if self.records.data.get("student_input"):  # else a sweep started before model cards: weights alone
+                    card = self._card(record)
+                    files.append(write_card(card, Path(tmp)))
+                    model = save_mlflow_model(normalised(build_student(card, path), card), card, Path(tmp))
+                    self.client.log_artifacts(record["run_id"], str(model), artifact_path=Artifact.MODEL)
+                for file in files:
+                    self.client.log_artifact(record["run_id"], str(file))
+                if best and record is best[0]:
                     parent = self.records.data["parent_run_id"]
-                    self.client.log_artifact(parent, str(path))
+                    for file in files:
+                        self.client.log_artifact(parent, str(file))
                     self.client.set_tag(parent, Tag.BEST_RUN_ID, record["run_id"])
             record["student_logged"] = True
             self.records.save()
+
+    def _card(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The trial's student card, from its config, the sweep's data and teacher, and its final scores."""
+        return student_card(record["config"], self.records.data["student_input"], self.records.data.get("dataset"),
+                            record["metrics"], (self.records.data.get("teacher") or {}).get("sha256"))
 
     # -- reachability --------------------------------------------------------------------
     def _went_offline(self, exc: BaseException) -> None:

@@ -25,6 +25,7 @@ from kdarena.methods import get_method
 from kdarena.methods.engine import pick_device
 from kdarena.training.identity import dataset_tags, identity
 from kdarena.training.record import Metric, Role, Tag
+from kdarena.training.student_card import input_facts
 from kdarena.training.teacher_store import check_writable
 from kdarena.training.tracking import (ensure_experiment, fail_fast_http, resolve_tracking_uri, source_commit,
                                        writes_allowed)
@@ -203,7 +204,7 @@ def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Datase
             records.save()
             client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "sweep.yaml")
     records.data |= {"tracking_uri": uri, "experiment_id": experiment_id, "status": None, "dataset": ident,
-                     "git_commit": source_commit()}
+                     "student_input": input_facts(data), "git_commit": source_commit()}
     records.save()
     parent_id = records.data["parent_run_id"]
     seeds = options.final_seeds if options.final_seeds is not None else sweep.final.seeds

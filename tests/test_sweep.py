@@ -131,6 +131,51 @@ def test_mlflow_has_parent_and_one_child_per_trial_with_prefixed_params(small_sw
     model.load_state_dict(torch.load(local, weights_only=True))
 
 
+def test_each_methods_best_student_has_its_card_and_deploys(small_sweep, monkeypatch):
+    work, _ = small_sweep
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    records = _records(work / "kdarena-sweeps" / "small")
+    for method, key in records["best"].items():
+        record = records["trials"][key]
+        card = json.loads(Path(client.download_artifacts(record["run_id"], "student.json", str(work / method)))
+                          .read_text())
+        assert card["student"]["arch"] == record["config"]["student"]["arch"] and card["method"]["name"] == method
+        assert card["classes"]["count"] == 10 and card["input"]["channels"] == 1 and card["input"]["size"] == 8
+        assert card["scores"]["test_acc"] == pytest.approx(record["metrics"]["test_acc"])
+        # the teacher is named where the method learns from it, with the sweep's teacher's sha256
+        teacher = records["teacher"]["sha256"] if method == "kd" else None
+        assert (card["teacher"] or {}).get("sha256") == teacher
+        assert card["config"]["method"]["params"] == record["config"]["method"]["params"]
+    # the students the sweep finishes with — each best trial, each final run — are MLflow models too: the student
+    # with its normalisation, taking raw pixels, as its weights and card rebuild it
+    import mlflow
+    import torch
+
+    from kdarena.training.deploy import normalised, raw_pixels
+    from kdarena.training.student_card import build_student, read_card
+
+    finals = [r for r in records["trials"].values() if r["phase"] == "final" and r["status"] == "completed"]
+    assert len(finals) == 4
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    for record in [*(records["trials"][key] for key in records["best"].values()), *finals]:
+        names = {a.path for a in client.list_artifacts(record["run_id"])}
+        assert {"student.pt", "student.json", "student-model"} <= names, names
+    folder = work / "final-student"
+    for name in ("student.pt", "student.json"):
+        client.download_artifacts(finals[0]["run_id"], name, str(folder))
+    card = read_card(folder / "student.json")
+    x = raw_pixels(card, 3, seed=5)
+    logged = mlflow.pytorch.load_model(f"runs:/{finals[0]['run_id']}/student-model")
+    with torch.no_grad():
+        assert torch.allclose(logged(x), normalised(build_student(card, folder / "student.pt"), card)(x), atol=1e-5)
+    monkeypatch.chdir(work)
+    best = records["trials"][records["best"]["kd"]]["run_id"]
+    result = CliRunner().invoke(app, ["deploy", best, "--format", "exported-program", "-o", "best.pt2",
+                                      "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["max_abs_diff"] <= 1e-4 and (work / "best.pt2").is_file()
+
+
 def test_final_runs_repeat_each_best_config_on_seeds(small_sweep):
     work, _ = small_sweep
     records = _records(work / "kdarena-sweeps" / "small")

@@ -103,3 +103,11 @@ class Param:
     WEIGHT_DECAY: Final = "train.weight_decay"
     # a sweep trial's point under Optuna's names, e.g. kd/temperature, student0/width
     SEARCHED_SEP: Final = "/"
+
+
+class Artifact:
+    """The files a student run holds, and the MLflow model a deployed student is logged as."""
+
+    STUDENT: Final = "student.pt"  # the student's state_dict
+    CARD: Final = "student.json"  # its model card (`training.student_card`): what rebuilds and deploys it
+    MODEL: Final = "student-model"  # the MLflow model (pytorch flavour) `kdarena deploy --register` logs

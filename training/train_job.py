@@ -29,7 +29,8 @@ from kdarena.zoo.models import StagedModel
 from .build import build_distiller, make_model, pair_info
 from .config import DatasetConfig, TeacherConfig, TrainConfig, config_yaml, export_config
 from .identity import dataset_tags, identity, mlflow_dataset, student_tags
-from .record import Metric, Role, Status, Tag, epoch_metrics
+from .record import Artifact, Metric, Role, Status, Tag, epoch_metrics
+from .student_card import input_facts, student_card, write_card
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
 from .tracking import ensure_experiment, flatten, source_commit, writes_allowed
 
@@ -170,9 +171,11 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     if result.reason:
         mlflow.set_tag(Tag.REASON, result.reason)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "student.pt"
+        path = Path(tmp) / Artifact.STUDENT
         torch.save(distiller.student.state_dict(), path)
         mlflow.log_artifact(str(path))
+        card = student_card(resolved, input_facts(data), ident, final, teacher.sha256 if teacher else None)
+        mlflow.log_artifact(str(write_card(card, Path(tmp))))
     if result.status != Status.COMPLETED:
         mlflow.end_run(status="FAILED")
 

@@ -54,6 +54,7 @@ class Dataset:
     std: tuple[float, ...] = ()
     fingerprint: str = ""  # sha256 of the content (train and test images, labels, class names)
     label: str = ""  # the name shown for it
+    classes: tuple[str, ...] = ()  # each label's name, in label order (what a deployed student's card lists)
 
     @property
     def in_channels(self) -> int:
@@ -336,7 +337,7 @@ def load_dataset(name: str, *, root: str | Path | None = None, val_fraction: flo
     mean = pixels.mean(dim=(0, 2, 3))
     std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return Dataset(name, train, val, test, len(loaded.classes), loaded.augment, tuple(mean.tolist()),
-                   tuple(std.tolist()), fingerprint, label or loaded.label)
+                   tuple(std.tolist()), fingerprint, label or loaded.label, tuple(loaded.classes))
 
 
 @dataclass
