@@ -18,7 +18,7 @@ from kdarena.methods import METHODS, get_method
 from kdarena.methods.recipe import Recipe
 from kdarena.zoo.data import DATASETS
 from kdarena.zoo.errors import UserError
-from kdarena.zoo.models import MODELS
+from kdarena.zoo.models import model_problem
 
 from .documents import apply_overrides, format_validation_error, load_yaml, show, validate_document
 
@@ -60,8 +60,9 @@ class ModelConfig(Strict):
     @field_validator("arch")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {show(v)}; known models: {', '.join(sorted(MODELS))}")
+        problem = model_problem(v, show(v))
+        if problem:
+            raise ValueError(problem)
         return v
 
 

@@ -2,7 +2,10 @@
 
 `build_model(name, num_classes=…, in_channels=…, input_size=…, **options)`
 gives a `StagedModel`; options are each constructor's keyword arguments
-(width multiplier, depth, hidden sizes, …).
+(width multiplier, depth, hidden sizes, …). Besides the names in `MODELS`,
+`timm/NAME` builds any model timm knows (`timm_models.py`, when timm is
+installed); `model_problem` is the one check of a name both building and
+config validation make.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from .mobilenetv2 import MobileNetV2
 from .resnet_cifar import CifarResNet
 from .resnext import ResNeXt
 from .shufflenetv2 import ShuffleNetV2
+from .timm_models import PREFIX as TIMM_PREFIX
+from .timm_models import TimmModel, is_timm, timm_problem
 from .vgg import VGG
 from .wrn import WideResNet
 
@@ -90,13 +95,25 @@ _add("inception_v3", TorchvisionInceptionV3, (3, 299, 1000),
 del _depth, _k, _c, _d, _arch
 
 
+def model_problem(name: str, shown: str | None = None) -> str | None:
+    """Why `name` names no buildable model (`shown` is how to quote it), or None when it does."""
+    if is_timm(name):
+        return timm_problem(name)
+    if name not in MODELS:
+        return (f"unknown model {shown or repr(name)}; known models: {', '.join(sorted(MODELS))}, "
+                f"or {TIMM_PREFIX}NAME for any model of timm ({TIMM_PREFIX}resnet18, {TIMM_PREFIX}test_vit, …)")
+    return None
+
+
 def build_model(name: str, *, num_classes: int, in_channels: int, input_size: int, **options) -> StagedModel:
     """Construct a registered model; unknown names or options are a UserError."""
-    if name not in MODELS:
-        raise UserError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}")
-    ctor = MODELS[name].ctor
+    problem = model_problem(name)
+    if problem:
+        raise UserError(problem)
+    # a timm model's options are timm's own keyword arguments: timm itself names one it does not take
+    ctor = partial(TimmModel, name=name[len(TIMM_PREFIX):]) if is_timm(name) else MODELS[name].ctor
     allowed = _option_names(ctor)
-    unknown = sorted(set(options) - allowed)
+    unknown = [] if is_timm(name) else sorted(set(options) - allowed)
     if unknown:
         raise UserError(
             f"model '{name}' has no option {', '.join(map(repr, unknown))}; "
@@ -115,4 +132,5 @@ def _option_names(ctor: Callable[..., StagedModel]) -> set[str]:
     return {p for p in params if p not in {"self", "num_classes", "in_channels", "input_size"} | fixed}
 
 
-__all__ = ["MODELS", "ModelEntry", "StagedModel", "StageOutput", "StageShape", "build_model", "stage_shapes"]
+__all__ = ["MODELS", "ModelEntry", "StagedModel", "StageOutput", "StageShape", "build_model", "model_problem",
+           "stage_shapes"]
