@@ -139,6 +139,8 @@ BAD = {
     "too coarse for 8 px": ({"student": {"arch": "timm/test_vit"}}, "does not run on 1×8×8", "patch_size"),
     "missing weights file": ({"student": {"arch": "timm/test_resnet", "options": {"weights": "NOPE.pt"}}},
                              "does not exist", "never downloads"),
+    "garbage .safetensors": ({"student": {"arch": "timm/test_resnet", "options": {"weights": "GARBAGE.safetensors"}}},
+                             "cannot be read as safetensors", "local state_dict"),
 }
 
 
@@ -146,6 +148,7 @@ BAD = {
 @needs_timm
 def test_a_timm_model_that_cannot_work_exits_2_naming_the_fix(case, cache_env, tmp_path):
     doc, what, fix = BAD[case]
+    (tmp_path / "GARBAGE.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     result = _train(tmp_path, doc, *FAST)
     assert result.exit_code == 2, result.output
     assert what in result.stderr and fix in result.stderr, result.stderr
