@@ -19,8 +19,9 @@ from kdarena.methods import METHODS, get_method
 from kdarena.methods.recipe import Recipe
 from kdarena.zoo.data import DATASETS
 from kdarena.zoo.errors import UserError
-from kdarena.zoo.models import known_models, resolve
+from kdarena.zoo.models import model_problem, resolve
 from kdarena.zoo.models.formats import FORMATS
+from kdarena.zoo.models.timm_models import is_timm
 
 from .documents import apply_overrides, format_validation_error, load_documents, show, validate_document
 
@@ -63,10 +64,10 @@ class ModelConfig(Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         """A known model, under the zoo's own name (an alias such as RepDistiller's `ResNet50` is resolved)."""
-        name = resolve(v)
-        if name is None:
-            raise ValueError(f"unknown model {show(v)}; {known_models()}")
-        return name
+        problem = model_problem(v, show(v))
+        if problem:
+            raise ValueError(problem)
+        return v if is_timm(v) else resolve(v)
 
 
 def _teacher_recipe() -> Recipe:

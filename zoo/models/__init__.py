@@ -2,7 +2,10 @@
 
 `build_model(name, num_classes=…, in_channels=…, input_size=…, **options)`
 gives a `StagedModel`; options are each constructor's keyword arguments
-(width multiplier, depth, hidden sizes, …).
+(width multiplier, depth, hidden sizes, …). Besides the names in `MODELS`,
+`timm/NAME` builds any model timm knows (`timm_models.py`, when timm is
+installed); `model_problem` is the one check of a name both building and
+config validation make.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from .resnet_cifar import CifarResNet
 from .resnext import ResNeXt
 from .shufflenetv1 import ShuffleNetV1
 from .shufflenetv2 import ShuffleNetV2
+from .timm_models import PREFIX as TIMM_PREFIX
+from .timm_models import TimmModel, is_timm, timm_problem
 from .vgg import VGG
 from .wrn import WideResNet
 
@@ -109,14 +114,25 @@ def known_models() -> str:
     return f"known models: {', '.join(sorted(MODELS))} (and the reference names {', '.join(sorted(ALIASES))})"
 
 
+def model_problem(name: str, shown: str | None = None) -> str | None:
+    """Why `name` names no buildable model (`shown` is how to quote it), or None when it does."""
+    if is_timm(name):
+        return timm_problem(name)
+    if resolve(name) is None:
+        return (f"unknown model {shown or repr(name)}; {known_models()}, "
+                f"or {TIMM_PREFIX}NAME for any model of timm ({TIMM_PREFIX}resnet18, {TIMM_PREFIX}test_vit, …)")
+    return None
+
+
 def build_model(name: str, *, num_classes: int, in_channels: int, input_size: int, **options) -> StagedModel:
-    """Construct a registered model (by its name or an alias); unknown names or options are a UserError."""
-    canonical = resolve(name)
-    if canonical is None:
-        raise UserError(f"unknown model '{name}'; {known_models()}")
-    ctor = MODELS[canonical].ctor
+    """Construct a registered model (by its name or an alias) or a timm model; unknown names or options are a UserError."""
+    problem = model_problem(name)
+    if problem:
+        raise UserError(problem)
+    # a timm model's options are timm's own keyword arguments: timm itself names one it does not take
+    ctor = partial(TimmModel, name=name[len(TIMM_PREFIX):]) if is_timm(name) else MODELS[resolve(name)].ctor
     allowed = _option_names(ctor)
-    unknown = sorted(set(options) - allowed)
+    unknown = [] if is_timm(name) else sorted(set(options) - allowed)
     if unknown:
         raise UserError(
             f"model '{name}' has no option {', '.join(map(repr, unknown))}; "
@@ -136,4 +152,4 @@ def _option_names(ctor: Callable[..., StagedModel]) -> set[str]:
 
 
 __all__ = ["ALIASES", "MODELS", "ModelEntry", "StagedModel", "StageOutput", "StageShape", "build_model", "known_models",
-           "resolve", "stage_shapes"]
+           "model_problem", "resolve", "stage_shapes"]

@@ -53,18 +53,20 @@ _NO_DOWNLOAD = ("kdarena never downloads weights: pass the path of a local state
 _CLASSIFIER = ("fc.weight", "fc.bias")
 
 
-def load_local_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local state_dict into `model`, or raise a UserError naming the file."""
+def load_local_weights(model: nn.Module, path: str | Path, *, classifier: tuple[str, str] = _CLASSIFIER,
+                       own_prefix: str = "") -> None:
+    """Load a local state_dict (or `.safetensors` file) into `model`, or raise a UserError naming the file.
+
+    `classifier` names the weight and bias left freshly initialised when only
+    their shape differs; `own_prefix` is removed from a file whose every key
+    has it (a kdarena wrapper's own state_dict loaded into the network it wraps).
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"weights file '{p}' does not exist; {_NO_DOWNLOAD}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle of non-tensor objects, …
-        # not torch's own text: it spans lines and suggests weights_only=False, which would run a crafted file's code
-        raise UserError(f"weights file '{p}' cannot be read as a PyTorch state_dict ({type(exc).__name__}; kdarena "
-                        f"loads tensors only, never pickled objects); {_NO_DOWNLOAD}") from None
-    state = unwrap(obj)
+    state = unwrap(_read_tensors(p))
+    if state is not None and own_prefix and all(k.startswith(own_prefix) for k in state):
+        state = {k[len(own_prefix):]: v for k, v in state.items()}
     if state is None:
         raise UserError(f"weights file '{p}' does not hold a state_dict (a mapping of names to tensors); "
                         f"{_NO_DOWNLOAD}")
@@ -73,10 +75,10 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
     skip = []
-    if wrong and set(wrong) <= set(_CLASSIFIER) and not missing and not unexpected:
+    if wrong and set(wrong) <= set(classifier) and not missing and not unexpected:
         skip = wrong
-        warnings.warn(f"weights file '{p}': classifier shape {tuple(state['fc.weight'].shape)} does not "
-                      f"match this model's {tuple(own['fc.weight'].shape)}; loaded everything else and "
+        warnings.warn(f"weights file '{p}': classifier shape {tuple(state[classifier[0]].shape)} does not "
+                      f"match this model's {tuple(own[classifier[0]].shape)}; loaded everything else and "
                       "kept a freshly initialised classifier", stacklevel=3)
     elif missing or unexpected or wrong:
         problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
@@ -88,6 +90,27 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
                     " for a ResNet below 64 px, stem='imagenet' (optionally resize=224).")
         raise UserError(f"weights file '{p}' does not fit this model: {'; '.join(problems[:5])}{more}.{hint}")
     model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
+
+
+def _read_tensors(p: Path) -> object:
+    """The file's contents: tensors only, never a pickled object that could run code."""
+    if p.suffix == ".safetensors":  # the format timm's and the Hugging Face hub's weights come in
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"weights file '{p}' is a .safetensors file and reading one needs the safetensors "
+                            "package: pip install safetensors (it comes with kdarena[timm])") from None
+        try:
+            return load_file(p, device="cpu")
+        except Exception as exc:  # a truncated or foreign file: safetensors raises its own error types
+            raise UserError(f"weights file '{p}' cannot be read as safetensors ({type(exc).__name__}); "
+                            f"{_NO_DOWNLOAD}") from None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle of non-tensor objects, …
+        # not torch's own text: it spans lines and suggests weights_only=False, which would run a crafted file's code
+        raise UserError(f"weights file '{p}' cannot be read as a PyTorch state_dict ({type(exc).__name__}; kdarena "
+                        f"loads tensors only, never pickled objects); {_NO_DOWNLOAD}") from None
 
 
 def _fresh_conv(c_in: int, c_out: int, k: int, stride: int, padding: int) -> nn.Conv2d:
