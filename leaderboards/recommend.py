@@ -95,6 +95,12 @@ def recommend(runs: pd.DataFrame, dataset: str, teacher: str | None = None, budg
     entries = [_entry(row, alone.get((row["dataset"], row["teacher"], row["student"]),
                                      alone.get((row["dataset"], "", row["student"]))))
                for _, row in fits.head(1 + runner_ups).iterrows()]
+    # ranks within the budget (ties kept): the first row of each leaderboard rank among those that fit
+    first_at = {}
+    for position, rank in enumerate(fits["rank"].tolist(), start=1):
+        first_at.setdefault(rank, position)
+    for entry in entries:
+        entry["rank"] = first_at[entry["rank"]]
     answer["recommendation"], answer["runner_ups"] = entries[0], entries[1:]
     return answer
 

@@ -64,6 +64,8 @@ def test_the_best_within_each_budget_form_is_the_leaderboards_best_under_it(stor
     assert [(e["student"], e["method"]) for e in entries] == list(zip(within["student"], within["method"]))[:len(entries)]
     best = answer["recommendation"]
     assert best["run_id"] == within.iloc[0]["run_id"] and best["n_seeds"] == int(within.iloc[0]["n_seeds"])
+    # ranks count within the budget, ties shared as on the leaderboard
+    assert [e["rank"] for e in entries] == [1 + list(within["rank"]).index(r) for r in within["rank"][:len(entries)]]
     if best["method"] != "baseline":  # how far from the same student trained alone on this pair
         row = within.iloc[0]
         alone = within[(within["method"] == "baseline") & (within["student"] == best["student"])].iloc[0]
