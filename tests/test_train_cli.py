@@ -163,6 +163,8 @@ BAD_INPUTS = {
     "alpha above one": ({"method": {"name": "kd", "params": {"alpha": 1.5}}}, "method.params.alpha"),
     "alpha wrong type": ({"method": {"name": "kd", "params": {"alpha": "high"}}}, "method.params.alpha"),
     "unknown model option": ({"student": {"arch": "cnn", "options": {"wings": 2}}}, "has no option 'wings'"),
+    "option the dataset sets": ({"student": {"arch": "cnn", "options": {"num_classes": 5}}},
+                                "option 'num_classes' comes from the dataset"),
     "dataset absent offline": ({"dataset": {"name": "mnist", "root": "EMPTY", "download": False}}, "train-images-idx3-ubyte"),
     "corrupt teacher checkpoint": ({"teacher": {"arch": "cnn", "checkpoint": "GARBAGE"}}, "not a loadable weights file"),
     "missing teacher checkpoint": ({"teacher": {"arch": "cnn", "checkpoint": "NOPE.pt"}}, "file not found"),

@@ -50,6 +50,10 @@ class DatasetConfig(Strict):
         return v
 
 
+# what build_model is given from the dataset: never a model option
+DATA_SHAPED_OPTIONS = frozenset({"num_classes", "in_channels", "input_size"})
+
+
 class ModelConfig(Strict):
     arch: str
     options: dict[str, Any] = Field(default_factory=dict, description="constructor options: width, depth, hidden, …")
@@ -68,6 +72,15 @@ class ModelConfig(Strict):
         if problem:
             raise ValueError(problem)
         return v if is_timm(v) else resolve(v)
+
+    @field_validator("options")
+    @classmethod
+    def _not_from_the_data(cls, v: dict[str, Any]) -> dict[str, Any]:
+        given = sorted(set(v) & DATA_SHAPED_OPTIONS)
+        if given:
+            raise ValueError(f"option {show(given[0])} comes from the dataset (its classes, channels and image size); "
+                             "remove it from options")
+        return v
 
 
 def _teacher_recipe() -> Recipe:
@@ -160,12 +173,12 @@ def read_train_config(path: str | Path | None, overrides: list[str],
     documents (`kdarena export --top K` to stdout: best first) gives its first, and `notice` says so.
     """
     docs = load_documents(path) if path is not None else [{}]
-    if len(docs) > 1:
+    raw = apply_overrides(docs[0] if docs else None, overrides)
+    config = parse_config(raw, str(path or "default config"))
+    if len(docs) > 1:  # said once the first is known good: a refused file gets its one error line alone
         notice(f"{path} holds {len(docs)} configs; training the first (`kdarena export SWEEP --top K -o DIR/` "
                "writes one file per config)")
-    raw = docs[0] if docs else None
-    raw = apply_overrides(raw, overrides)
-    return parse_config(raw, str(path or "default config")), raw
+    return config, raw
 
 
 def export_config(config: dict[str, Any], teacher_sha256: str | None) -> dict[str, Any]:
