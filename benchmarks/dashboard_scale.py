@@ -64,7 +64,7 @@ def _costs() -> dict[int, dict[str, float]]:
     out = {}
     for c in CHANNELS:
         cost = profile_cost(build_model("cnn", num_classes=10, in_channels=1, input_size=8, channels=c),
-                            in_channels=1, input_size=8, latency_repeats=20)
+                            in_channels=1, input_size=8)
         out[c] = {"params": cost.params, "macs": cost.macs, "flops": cost.flops, "latency_ms": cost.latency_ms}
     return out
 

@@ -170,11 +170,11 @@ def sweep(
             options = SweepOptions(address=address, resume=resume, storage=storage, tracking_uri=tracking_uri,
                                    max_concurrent=max_concurrent, final_seeds=final_seeds,
                                    rebuild_records=rebuild_records)
-            # the live view has the terminal; elsewhere the teacher's training (minutes) reports in lines
+            # the teacher's training (minutes): bars in the live view on a terminal, lines with an ETA elsewhere
             from .progress import ProgressLines
 
             outcome = run_sweep(cfg, raw, options, view=view,
-                                callbacks=None if err.is_terminal else ProgressLines(err).callbacks())
+                                callbacks=view.callbacks() if err.is_terminal else ProgressLines(err).callbacks())
     except UserError as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The live view of a running sweep: a table of trials and an overall progress bar with ETA."""
+"""The live view of a running sweep: the teacher's training, a table of trials and an overall progress bar with ETA."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdarena.leaderboards.text import format_hparams
+from kdarena.methods.engine import EpochResult
 from kdarena.training.record import Status, Tag
+from kdarena.training.train_job import Callbacks
 
 DONE = Status.FINISHED
 MAX_ROWS = 12
@@ -29,6 +31,11 @@ class SweepView:
         self.progress = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(), console=console)
         self.task = self.progress.add_task("trials", total=total_trials)
+        # the teacher trains before the first trial (minutes): its epochs and batches, each with an ETA
+        self.training = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console)
+        self.epochs_task = self.batches_task = None
         self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False) if enabled else None
 
     def __enter__(self) -> SweepView:
@@ -40,6 +47,29 @@ class SweepView:
         if self.live:
             self.live.update(self._render())
             self.live.__exit__(*exc)
+
+    def callbacks(self) -> Callbacks:
+        """Progress of a model trained in the driver (the teacher), shown above the trials."""
+        return Callbacks(start=self._start, batch=self._batch, epoch=self._epoch)
+
+    def _start(self, label: str, epochs: int, steps: int) -> None:
+        self.epochs_task = self.training.add_task(f"{label}: epochs", total=epochs, status="")
+        self.batches_task = self.training.add_task("  batches", total=steps or None, status="")
+        self._refresh()
+
+    def _batch(self, done: int, total: int) -> None:
+        self.training.update(self.batches_task, completed=done, total=total)
+        self._refresh()
+
+    def _epoch(self, label: str, result: EpochResult) -> None:
+        self.training.update(self.epochs_task, advance=1, status=f"val_acc {100 * result.val_acc:.1f}%")
+        if self.training.tasks[self.epochs_task].finished:
+            self.training.update(self.batches_task, visible=False)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self.live:
+            self.live.update(self._render())
 
     def set_total(self, total: int) -> None:
         self.progress.update(self.task, total=total)
@@ -67,4 +97,5 @@ class SweepView:
             val = last.get("val_acc")
             table.add_row(r["trial_name"], r["method"], r["tags"].get(Tag.STUDENT_LABEL, ""), key_params(r),
                           str(last.get("epoch", "")), f"{val:.4f}" if isinstance(val, float) else "", r["status"])
-        return Group(table, self.progress)
+        parts = [self.training] if self.training.tasks else []
+        return Group(*parts, table, self.progress)

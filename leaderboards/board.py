@@ -17,9 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from kdarena.training.record import Role, Status
+from kdarena.training.record import Metric, Role, Status
 
-from .stats import best_first, finite, paired_test, pareto_mask, sample_std, t_interval, tied_ranks
+from .stats import best_first, finite, latency_noise_ms, paired_test, pareto_mask, sample_std, t_interval, tied_ranks
 from .text import format_hparams
 
 
@@ -35,7 +35,8 @@ LEADERBOARD_COLUMNS = ["rank", "dataset", "teacher", "student", "method", "test_
                        # the paired difference from the student alone (see `_versus_student_alone`)
                        "vs_student_diff", "vs_student_n", "vs_student_p", "distinguishable",
                        "seeds", "test_accs", "params", "macs", "latency_ms", "key_hparams", "source", "run_id", "pareto",
-                       "flops", "student_arch", "sweep", "experiment", "run_ids", "reported",
+                       # how far another row's latency must be to differ (zoo.cost.latency_noise_ms)
+                       "latency_noise_ms", "flops", "student_arch", "sweep", "experiment", "run_ids", "reported",
                        # the dataset's identity: `dataset` is its label, made unique with a short fingerprint
                        "dataset_label", "dataset_fingerprint"]
 
@@ -142,6 +143,8 @@ def _row(key: tuple[str, str, str, str], runs: pd.DataFrame, source: str) -> dic
             "latency_ms": float(runs["latency_ms"].median()) if runs["latency_ms"].notna().any() else math.nan,
             "key_hparams": format_hparams(first["hparams"]), "source": source, "run_id": first["run_id"],
             "pareto": False,
+            "latency_noise_ms": latency_noise_ms(runs["latency_ms"].astype(float).tolist(),
+                                                 runs["latency_iqr_ms"].astype(float).tolist()),
             "flops": runs["flops"].dropna().iloc[0] if runs["flops"].notna().any() else math.nan,
             "student_arch": first["student_arch"], "sweep": first["sweep"], "experiment": first["experiment"],
             "run_ids": runs["run_id"].tolist(), "reported": False, "dataset_label": first["dataset_label"],
@@ -174,7 +177,7 @@ def empty_leaderboard() -> pd.DataFrame:
 
 
 _FLOAT_COLUMNS = ("test_acc_mean", "test_acc_std", "test_acc_ci_low", "test_acc_ci_high", "val_acc_mean",
-                  "vs_student_diff", "vs_student_p", "params", "macs", "latency_ms", "flops")
+                  "vs_student_diff", "vs_student_p", "params", "macs", "latency_ms", "latency_noise_ms", "flops")
 
 
 def leaderboard(runs: pd.DataFrame, *, dataset: str | Iterable[str] | None = None,
@@ -214,7 +217,8 @@ def leaderboard(runs: pd.DataFrame, *, dataset: str | Iterable[str] | None = Non
     board = board.copy()
     board["pareto"] = False
     for idx in board.groupby(["dataset", "teacher"], sort=False).groups.values():
-        mask = pareto_mask(board.loc[idx, "test_acc_mean"].tolist(), board.loc[idx, cost].tolist())
+        noise = board.loc[idx, "latency_noise_ms"].tolist() if cost == Metric.LATENCY_MS else None
+        mask = pareto_mask(board.loc[idx, "test_acc_mean"].tolist(), board.loc[idx, cost].tolist(), noise)
         board.loc[idx, "pareto"] = mask
     key = ["_val", "_cost", "_seeds"]
     board[key] = [best_first(v, m, n) for v, m, n in zip(board["val_acc_mean"], board["macs"], board["n_seeds"])]

@@ -116,7 +116,7 @@ def reference_rows(dataset: str | None = None, teacher: str | Iterable[str] | No
         rows.append({"rank": math.nan, "dataset": r["dataset"], "teacher": r["teacher"], "student": r["student"],
                      "method": r["method"], "test_acc_mean": r["test_acc"], "test_acc_std": math.nan,
                      "n_seeds": math.nan, "params": r["params"], "macs": r["macs"], "latency_ms": math.nan,
-                     "key_hparams": r["key_hparams"], "source": REPORTED + r["source"], "run_id": None,
+                     "latency_noise_ms": math.nan, "key_hparams": r["key_hparams"], "source": REPORTED + r["source"], "run_id": None,
                      "pareto": False, "flops": r["flops"], "student_arch": None, "sweep": None, "experiment": None,
                      "run_ids": [], "reported": True, "dataset_label": r["dataset"], "dataset_fingerprint": None,
                      "variant": r["variant"], "test_errors": r["test_errors"],

@@ -18,7 +18,7 @@ FORMATS = ("table", "markdown", "csv", "json")
 # the columns `--format csv|json` write, ours and the reported rows alike
 FIELDS = ["rank", "dataset", "teacher", "student", "method", "test_acc_mean", "test_acc_std", "n_seeds",
           "test_acc_ci_low", "test_acc_ci_high", "val_acc_mean", "vs_student_diff", "vs_student_n", "vs_student_p",
-          "distinguishable", "seeds", "test_accs", "params", "macs", "flops", "latency_ms", "key_hparams", "pareto", "source", "reported", "run_id",
+          "distinguishable", "seeds", "test_accs", "params", "macs", "flops", "latency_ms", "latency_noise_ms", "key_hparams", "pareto", "source", "reported", "run_id",
           "sweep", "variant", "test_errors", "test_size", "note", "dataset_label", "dataset_fingerprint"]
 
 

@@ -7,6 +7,7 @@ and the leaderboard share one definition of "best".
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,14 +17,21 @@ def finite(x: float | None) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def pareto_mask(acc: Sequence[float], cost: Sequence[float]) -> list[bool]:
+def pareto_mask(acc: Sequence[float], cost: Sequence[float], cost_noise: Sequence[float] | None = None) -> list[bool]:
     """True for each point no other point dominates (as accurate or more, as cheap or cheaper, better in one).
 
     Points with a missing (None/NaN) accuracy or cost are never on the front
     and never dominate another. Equal points are all on the front. O(n log n).
+
+    `cost_noise` (a measured cost's noise, e.g. latency's): two costs closer
+    than the larger of their noises are a tie, so a point that is cheaper
+    only by noise does not stand on the front beside a more accurate one. O(n²).
     """
-    if len(acc) != len(cost):
-        raise ValueError(f"pareto_mask: {len(acc)} accuracies but {len(cost)} costs")
+    if len(acc) != len(cost) or (cost_noise is not None and len(cost_noise) != len(cost)):
+        raise ValueError(f"pareto_mask: {len(acc)} accuracies, {len(cost)} costs"
+                         + ("" if cost_noise is None else f" and {len(cost_noise)} noises"))
+    if cost_noise is not None:
+        return _noisy_pareto_mask(acc, cost, cost_noise)
     mask = [False] * len(acc)
     valid = [i for i in range(len(acc)) if finite(acc[i]) and finite(cost[i])]
     # cheapest first, most accurate first among equal costs: a point is on the front iff it
@@ -44,6 +52,35 @@ def pareto_mask(acc: Sequence[float], cost: Sequence[float]) -> list[bool]:
                     mask[i] = True
             best_cheaper = top
     return mask
+
+
+def _noisy_pareto_mask(acc: Sequence[float], cost: Sequence[float], noise: Sequence[float]) -> list[bool]:
+    valid = [i for i in range(len(acc)) if finite(acc[i]) and finite(cost[i])]
+    tol = [float(n) if finite(n) and n > 0 else 0.0 for n in noise]
+    mask = [False] * len(acc)
+    for i in valid:
+        mask[i] = not any(_dominates(acc[j], cost[j], acc[i], cost[i], max(tol[i], tol[j])) for j in valid if j != i)
+    return mask
+
+
+def _dominates(acc_a: float, cost_a: float, acc_b: float, cost_b: float, tie: float) -> bool:
+    """a dominates b: as accurate, no costlier beyond `tie`, and more accurate or cheaper beyond `tie`."""
+    return acc_a >= acc_b and cost_a <= cost_b + tie and (acc_a > acc_b or cost_a < cost_b - tie)
+
+
+#: separate measurements of one model move by more than one measurement's IQR (benchmarks/latency_noise.py, in
+#: the README): latencies closer than this fraction of their median are never told apart
+LATENCY_RTOL = 0.05
+
+
+def latency_noise_ms(latencies_ms: Sequence[float], iqrs_ms: Sequence[float]) -> float:
+    """How far another latency must be from a model's measured ones to differ: the largest of the measurements'
+    interquartile ranges, their spread and `LATENCY_RTOL` of their median; NaN without a measurement."""
+    measured = sorted(float(v) for v in latencies_ms if finite(v))
+    if not measured:
+        return math.nan
+    iqr = max((float(v) for v in iqrs_ms if finite(v)), default=0.0)
+    return max(iqr, measured[-1] - measured[0], LATENCY_RTOL * statistics.median(measured))
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

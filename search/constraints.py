@@ -17,9 +17,9 @@ may stop below a valid value.
 Latency is measured, hence noisy. The bound keeps searched points
 `LATENCY_MARGIN` under `max_latency_ms`; fixed students and a search's
 lowest point are checked against the limit itself. Every trial measures
-its student again before training (the trial's torch threads, as at the
-end of the run) and ends `failed`, untrained, with the reason, if it is
-over: no trial is trained whose latency was measured over the limit. The
+its student again before training (as at the end of the run: batch 1,
+`zoo.cost.LATENCY_THREADS` threads) and ends `failed`, untrained, with the
+reason, if it is over: no trial is trained whose latency was measured over the limit. The
 latency a completed trial records is measured once more after training
 and may differ by that noise.
 """
@@ -27,8 +27,6 @@ and may differ by that noise.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -43,10 +41,9 @@ from kdarena.zoo.data import Dataset
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import build_model
 
-from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, option_value, trial_threads
+from .sweep_config import SEARCHABLE_OPTIONS, SweepConfig, option_value
 
 LATENCY_MARGIN = 0.1  # searched points stay 10 % under max_latency_ms, so noise rarely refuses a sampled trial
-LATENCY_REPEATS = 20
 FLOAT_STEPS = 12  # bisection steps of a float option: its range to 1/4096
 # each constraint and the cost it bounds
 LIMITED = {"max_macs": Metric.MACS, "max_params": Metric.PARAMS, "max_latency_ms": Metric.LATENCY_MS}
@@ -66,30 +63,17 @@ class Shape:
         return cls(data.num_classes, data.in_channels, data.input_size)
 
 
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Latency measured with the trial's torch threads, wherever it is measured."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def measure(model: nn.Module, shape: Shape, threads: int, latency: bool) -> Cost:
-    with torch_threads(threads):
-        return profile_cost(model, in_channels=shape.in_channels, input_size=shape.input_size,
-                            latency_repeats=LATENCY_REPEATS if latency else 0)
+def measure(model: nn.Module, shape: Shape, latency: bool) -> Cost:
+    return profile_cost(model, in_channels=shape.in_channels, input_size=shape.input_size, latency=latency)
 
 
 @lru_cache(maxsize=4096)
-def _priced(arch: str, options_json: str, shape: Shape, threads: int, latency: bool) -> Cost:
+def _priced(arch: str, options_json: str, shape: Shape, latency: bool) -> Cost:
     """One student's cost, cached: the bisection asks for the same points again and again."""
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's RNG alone
         model = build_model(arch, num_classes=shape.num_classes, in_channels=shape.in_channels,
                             input_size=shape.input_size, **json.loads(options_json))
-    return measure(model, shape, threads, latency)
+    return measure(model, shape, latency)
 
 
 def excess(limits: dict[str, float], cost: Cost, margin: float = 0.0) -> list[str]:
@@ -116,7 +100,6 @@ class CostBounds:
     limits: dict[str, float]
     students: tuple[tuple[str, dict[str, Any]], ...]  # (arch, fixed options) of each student
     shape: Shape
-    threads: int
 
     @classmethod
     def of(cls, sweep: SweepConfig, shape: Shape) -> CostBounds | None:
@@ -124,11 +107,11 @@ class CostBounds:
         limits = limits_of(sweep)
         if not limits:
             return None
-        return cls(limits, tuple((s.arch, dict(s.options)) for s in sweep.students), shape, trial_threads(sweep))
+        return cls(limits, tuple((s.arch, dict(s.options)) for s in sweep.students), shape)
 
     def cost(self, student: int, searched: dict[str, Any]) -> Cost:
         arch, options = self.students[student]
-        return _priced(arch, json.dumps(options | searched, sort_keys=True), self.shape, self.threads,
+        return _priced(arch, json.dumps(options | searched, sort_keys=True), self.shape,
                        "max_latency_ms" in self.limits)
 
     def over(self, student: int, searched: dict[str, Any], margin: float = 0.0) -> list[str]:
@@ -189,6 +172,6 @@ def trial_refusal(sweep: SweepConfig, student: nn.Module, shape: Shape, cost: Co
     """
     limits = limits_of(sweep)
     if "max_latency_ms" in limits:
-        cost = measure(student, shape, trial_threads(sweep), latency=True)
+        cost = measure(student, shape, latency=True)
     over = excess(limits, cost)
     return f"not trained: the student's {'; '.join(over)}" if over else None

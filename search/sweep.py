@@ -133,7 +133,7 @@ def student_macs(sweep: SweepConfig, data: Dataset) -> list[float]:
         cfg = trial_config(sweep, next(iter(sweep.methods)), index, options, {})
         student = make_model(cfg.student, data, cfg.train.seed)
         macs.append(float(profile_cost(student, in_channels=data.in_channels, input_size=data.input_size,
-                                       latency_repeats=0).macs))
+                                       latency=False).macs))
     return macs
 
 

@@ -19,7 +19,7 @@ from ray import tune
 from kdarena.methods.engine import EpochResult, eval_loader, evaluate, fit, pick_device
 
 from kdarena.training.build import build_distiller, make_model
-from kdarena.training.record import Metric, Status, epoch_metrics
+from kdarena.training.record import Metric, Status, cost_metrics, epoch_metrics
 from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset
 
@@ -43,9 +43,8 @@ def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Datase
         teacher.load_state_dict(teacher_state)
         teacher.eval()
     distiller = build_distiller(cfg, data, teacher)
-    cost = profile_cost(distiller.student, in_channels=data.in_channels, input_size=data.input_size, latency_repeats=0)
-    static = {Metric.PARAMS: cost.params, Metric.MACS: cost.macs, Metric.FLOPS: cost.flops,
-              Metric.EXTRA_PARAMS: distiller.extra_params()}
+    cost = profile_cost(distiller.student, in_channels=data.in_channels, input_size=data.input_size, latency=False)
+    static = {**cost_metrics(cost), Metric.EXTRA_PARAMS: distiller.extra_params()}
     refusal = trial_refusal(sweep, distiller.student, Shape.of(data), cost)
     if refusal is not None:  # reported, not raised: Ray would retry an error, and a re-measured latency may pass
         tune.report({"epoch": 0, Metric.VAL_ACC: 0.0, "status": Status.FAILED, "reason": refusal, **static})
@@ -66,8 +65,8 @@ def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Datase
         metrics: dict[str, Any] = {"epoch": e.epoch + 1, "status": Status.RUNNING, **epoch_metrics(e), **static}
         if e.epoch + 1 == epochs:  # full budget: the one place the test split is used
             metrics[Metric.TEST_ACC] = evaluate(distiller.student, eval_loader(data.test, data, device))
-            metrics[Metric.LATENCY_MS] = profile_cost(distiller.student, in_channels=data.in_channels,
-                                                      input_size=data.input_size).latency_ms
+            metrics |= cost_metrics(profile_cost(distiller.student, in_channels=data.in_channels,
+                                                 input_size=data.input_size))
             metrics["status"] = Status.COMPLETED
         (work / EPOCH_FILE).write_text(str(e.epoch + 1))  # beside trial.pt, which fit() has just written
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work)))

@@ -221,6 +221,24 @@ def test_progress_lines_every_few_seconds_with_an_eta():
     assert len(out) == 3  # nothing between: the clock stood still
 
 
+def test_the_sweeps_live_view_shows_the_teacher_training_with_an_eta():
+    import io
+
+    from kdarena.cli.sweep_view import SweepView
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=160, force_terminal=True, color_system=None)
+    with SweepView(console, total_trials=6) as view:
+        calls = view.callbacks()
+        calls.start("teacher cnn", 4, 0)
+        calls.batch(5, 10)
+        calls.epoch("teacher cnn", EpochResult(epoch=0, losses={}, train_acc=0.5, val_acc=0.625, lr=0.1, seconds=2.0))
+    last = buffer.getvalue().rsplit("teacher cnn", 1)[1]  # the view as it stood when it closed
+    assert last.startswith(": epochs") and "1/4" in last.splitlines()[0] and "val_acc 62.5%" in last
+    assert "ETA" in last.splitlines()[0] and "batches" in last and "5/10" in last
+    assert "0/6" in last  # the trials' bar below it
+
+
 def test_models_answers_from_its_cache(cache_env):
     from kdarena.zoo.catalog import catalog_path
 

@@ -43,7 +43,7 @@ MAX_MACS = 60_000  # at depth 1, widths up to ~2.4 fit; at depth 2 up to ~1.2; a
 
 def _macs(options: dict) -> int:
     model = build_model("cnn", num_classes=10, in_channels=1, input_size=8, **options)
-    return profile_cost(model, in_channels=1, input_size=8, latency_repeats=0).macs
+    return profile_cost(model, in_channels=1, input_size=8, latency=False).macs
 
 
 def _refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc: dict):
@@ -119,7 +119,7 @@ def test_the_console_script_exits_2_for_a_student_over_a_limit(tmp_path):
 def test_cost_grows_with_every_searchable_option(arch, option, values):
     """The bound's premise: a larger width, depth or channel count never costs fewer MACs or parameters."""
     costs = [profile_cost(build_model(arch, num_classes=10, in_channels=3, input_size=32, **{option: v}),
-                          in_channels=3, input_size=32, latency_repeats=0) for v in values]
+                          in_channels=3, input_size=32, latency=False) for v in values]
     assert all(a.macs <= b.macs and a.params <= b.params for a, b in zip(costs, costs[1:])), costs
 
 
@@ -150,7 +150,7 @@ def test_the_bound_is_tight_and_every_tpe_point_fits():
 def test_a_trial_refuses_a_student_measured_over_the_latency_limit():
     sweep = parse_sweep(BASE | {"constraints": {"max_latency_ms": 1e-6, "max_macs": 1e9}}, "s.yaml")
     model = build_model("cnn", num_classes=10, in_channels=1, input_size=8, channels=4)
-    cost = profile_cost(model, in_channels=1, input_size=8, latency_repeats=0)
+    cost = profile_cost(model, in_channels=1, input_size=8, latency=False)
     why = trial_refusal(sweep, model, DIGITS, cost)
     assert why is not None and why.startswith("not trained: the student's latency ") and "max_latency_ms 1e-06" in why
     assert "max_macs" not in why

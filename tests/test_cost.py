@@ -15,7 +15,7 @@ from kdarena.zoo.models import build_model
 
 def _cost(name: str, *, num_classes: int, in_channels: int, input_size: int, **options) -> Cost:
     model = build_model(name, num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)
-    return profile_cost(model, in_channels=in_channels, input_size=input_size, latency_repeats=0)
+    return profile_cost(model, in_channels=in_channels, input_size=input_size, latency=False)
 
 
 def test_resnet18_matches_torchvision_metadata():
@@ -49,10 +49,17 @@ def test_mlp_macs_are_the_weight_multiplies():
     assert cost.params == 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10
 
 
-def test_profile_leaves_the_model_untouched():
+def test_profile_leaves_the_model_and_the_callers_threads_untouched():
     model = build_model("cnn", num_classes=10, in_channels=1, input_size=8).to(torch.bfloat16).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cost = profile_cost(model, in_channels=1, input_size=8, latency_repeats=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cost = profile_cost(model, in_channels=1, input_size=8, latency=True)
+        assert torch.get_num_threads() == 2  # measured on LATENCY_THREADS, then the caller's count is back
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 <= cost.latency_iqr_ms < cost.latency_ms  # the noise of a batch-1 forward is a fraction of it
     assert model.training
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     for k, v in model.state_dict().items():
@@ -63,9 +70,8 @@ def test_profile_leaves_the_model_untouched():
 
 def test_latency_can_be_skipped():
     model = build_model("cnn", num_classes=10, in_channels=1, input_size=8)
-    assert math.isnan(profile_cost(model, in_channels=1, input_size=8, latency_repeats=0).latency_ms)
-    with pytest.raises(ValueError):
-        profile_cost(model, in_channels=1, input_size=8, latency_repeats=-1)
+    cost = profile_cost(model, in_channels=1, input_size=8, latency=False)
+    assert math.isnan(cost.latency_ms) and math.isnan(cost.latency_iqr_ms)
 
 
 def test_count_params_counts_shared_weights_once():

@@ -95,8 +95,9 @@ def _assert_complete_and_unduplicated(tmp_path: Path, root: Path) -> dict:
     trials = _records(root)["trials"]
     search = [r for r in trials.values() if r["phase"] == "trial"]
     finals = [r for r in trials.values() if r["phase"] == "final"]
-    assert len(search) == 4 and all(r["status"] == "completed" for r in search), [(r["status"], r.get("reason"))
-                                                                                  for r in search]
+    assert len(search) == 4 and all(r["status"] == "completed" for r in search), [
+        (r["key"], r["status"], r.get("reason"), [h["epoch"] for h in r["history"]], r.get("last_result"))
+        for r in search]
     assert sorted((r["method"], r["config"]["train"]["seed"]) for r in finals) == sorted(
         (m, s) for m in ("baseline", "kd") for s in (0, 1, 2)), "every final seed of every method, once"
     assert all(r["status"] == "completed" for r in finals), [(r["status"], r.get("reason")) for r in finals]

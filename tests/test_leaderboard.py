@@ -26,7 +26,8 @@ from kdarena.leaderboards import references as lb_refs
 from kdarena.leaderboards import runs as lb_runs
 from kdarena.leaderboards import sweeps as lb_sweeps
 from kdarena.leaderboards import text as lb_text
-from kdarena.leaderboards.stats import best_first, pareto_front, pareto_mask, tied_ranks
+from kdarena.leaderboards.stats import (LATENCY_RTOL, best_first, latency_noise_ms, pareto_front, pareto_mask,
+                                        tied_ranks)
 from kdarena.leaderboards.references import COLUMNS, load_references, load_sources
 from kdarena.methods import METHODS
 from kdarena.cli.app import app
@@ -97,6 +98,36 @@ def test_pareto_mask_edge_cases():
     assert pareto_mask([None, 0.5], [1, 2]) == [False, True]
     with pytest.raises(ValueError):
         pareto_mask([0.1], [1, 2])
+
+
+def test_latencies_closer_than_their_noise_tie():
+    # the issue's case: 0.0716 vs 0.0722 ms is timing noise, so the less accurate "faster" row is dominated
+    assert pareto_mask([0.90, 0.91], [0.0716, 0.0722]) == [True, True]
+    assert pareto_mask([0.90, 0.91], [0.0716, 0.0722], [0.0036, 0.0036]) == [False, True]
+    # apart by more than the noise: both stand; equal points both stand; a missing noise is no tolerance
+    assert pareto_mask([0.90, 0.91], [0.05, 0.0722], [0.0036, 0.0036]) == [True, True]
+    assert pareto_mask([0.9, 0.9], [0.07, 0.0701], [0.001, 0.001]) == [True, True]
+    assert pareto_mask([0.90, 0.91], [0.0716, 0.0722], [math.nan, math.nan]) == [True, True]
+    with pytest.raises(ValueError):
+        pareto_mask([0.9], [0.1], [0.1, 0.2])
+    # the noise: the measurements' IQR, their spread, at least LATENCY_RTOL of their median
+    assert latency_noise_ms([1.0], [math.nan]) == pytest.approx(LATENCY_RTOL)
+    assert latency_noise_ms([1.0, 1.2], [0.01, 0.02]) == pytest.approx(0.2)
+    assert latency_noise_ms([1.0], [0.3]) == pytest.approx(0.3)
+    assert math.isnan(latency_noise_ms([math.nan], [math.nan]))
+
+
+def test_the_latency_front_ignores_timing_noise_and_the_macs_front_is_exact():
+    runs = fake_runs([
+        {"student": "a", "test_acc": 0.91, "val_acc": 0.91, "latency_ms": 0.0722, "latency_iqr_ms": 0.0004, "macs": 9.0},
+        {"student": "b", "test_acc": 0.90, "val_acc": 0.90, "latency_ms": 0.0716, "latency_iqr_ms": 0.0004, "macs": 8.0},
+        {"student": "c", "test_acc": 0.80, "val_acc": 0.80, "latency_ms": 0.0500, "latency_iqr_ms": 0.0004, "macs": 7.0},
+    ])
+    by_latency = lb_board.leaderboard(runs, by="latency").set_index("student")
+    assert by_latency["pareto"].to_dict() == {"a": True, "b": False, "c": True}
+    assert by_latency.loc["b", "latency_noise_ms"] == pytest.approx(LATENCY_RTOL * 0.0716)
+    assert lb_board.leaderboard(runs, by="macs").set_index("student")["pareto"].to_dict() == {
+        "a": True, "b": True, "c": True}
 
 
 def test_pareto_front_keeps_its_export_contract():

@@ -50,7 +50,7 @@ def test_a_timm_student_distils_from_a_zoo_teacher_with_its_costs_recorded(metho
     summary = json.loads(result.stdout)
     assert summary["student"] == "timm/test_resnet" and summary["teacher"] == "cnn"
     # the cost is the deployed timm network's, counted as every zoo model's is
-    cost = profile_cost(_digits("timm/test_resnet"), in_channels=1, input_size=8, latency_repeats=0)
+    cost = profile_cost(_digits("timm/test_resnet"), in_channels=1, input_size=8, latency=False)
     assert (summary["params"], summary["macs"]) == (cost.params, cost.macs) and cost.macs > 0
     run = _run_of(tmp_path, summary["run_id"])
     assert run.data.tags["kdarena.status"] == "completed"

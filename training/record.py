@@ -8,6 +8,8 @@ stray literals.
 
 from __future__ import annotations
 
+import math
+
 from typing import Final
 
 
@@ -68,6 +70,7 @@ class Metric:
     MACS: Final = "macs"
     FLOPS: Final = "flops"
     LATENCY_MS: Final = "latency_ms"
+    LATENCY_IQR_MS: Final = "latency_iqr_ms"  # the latency measurement's noise (zoo/cost.py)
     EXTRA_PARAMS: Final = "extra_params"
     EPOCHS_COMPLETED: Final = "epochs_completed"
     TEACHER_VAL_ACC: Final = "teacher_val_acc"
@@ -77,12 +80,20 @@ class Metric:
     LOSSES: Final = "train_loss"  # the start of every loss term's name
     DIAG_PREFIX: Final = "diag_"  # diag_<name>: each method diagnostic's epoch mean
     # a student run's scores at its end
-    FINAL: Final = (VAL_ACC, TEST_ACC, PARAMS, MACS, FLOPS, LATENCY_MS, EXTRA_PARAMS)
+    FINAL: Final = (VAL_ACC, TEST_ACC, PARAMS, MACS, FLOPS, LATENCY_MS, LATENCY_IQR_MS, EXTRA_PARAMS)
 
 
 def is_epoch_metric(name: str) -> bool:
     """A metric logged once per epoch (step = the epoch, from 1)."""
     return name in Metric.PER_EPOCH or name.startswith((Metric.LOSS_PREFIX, Metric.DIAG_PREFIX))
+
+
+def cost_metrics(cost) -> dict[str, float]:
+    """A student's `zoo.cost.Cost` under its record names; an unmeasured latency is left out."""
+    metrics = {Metric.PARAMS: cost.params, Metric.FLOPS: cost.flops, Metric.MACS: cost.macs}
+    if math.isfinite(cost.latency_ms):
+        metrics |= {Metric.LATENCY_MS: cost.latency_ms, Metric.LATENCY_IQR_MS: cost.latency_iqr_ms}
+    return metrics
 
 
 def epoch_metrics(epoch) -> dict[str, float]:

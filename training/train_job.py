@@ -29,7 +29,7 @@ from kdarena.zoo.models import StagedModel
 from .build import build_distiller, make_model, pair_info
 from .config import DatasetConfig, TeacherConfig, TrainConfig, config_yaml, export_config
 from .identity import dataset_tags, identity, mlflow_dataset, student_tags
-from .record import Artifact, Metric, Role, Status, Tag, epoch_metrics
+from .record import Artifact, Metric, Role, Status, Tag, cost_metrics, epoch_metrics
 from .student_card import input_facts, student_card, write_card
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
 from .tracking import ensure_experiment, flatten, source_commit, writes_allowed
@@ -157,8 +157,7 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     result = fit(distiller, data, cfg.train, device=device, on_batch=callbacks.batch,
                  on_epoch=lambda e: (_log_epoch(e), callbacks.epoch(label, e)))
     cost = profile_cost(distiller.student, in_channels=data.in_channels, input_size=data.input_size)
-    final = {Metric.PARAMS: cost.params, Metric.FLOPS: cost.flops, Metric.MACS: cost.macs,
-             Metric.LATENCY_MS: cost.latency_ms, Metric.EXTRA_PARAMS: distiller.extra_params(),
+    final = {**cost_metrics(cost), Metric.EXTRA_PARAMS: distiller.extra_params(),
              Metric.EPOCHS_COMPLETED: len(result.history)}
     if result.val_acc is not None:
         final |= {Metric.FINAL_VAL_ACC: result.val_acc, Metric.BEST_VAL_ACC: result.best_val_acc}

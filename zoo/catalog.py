@@ -61,7 +61,7 @@ def profile_zoo() -> list[dict[str, Any]]:
     rows = []
     for name, entry in sorted(MODELS.items()):
         model = build_model(name, num_classes=entry.num_classes, in_channels=entry.in_channels, input_size=entry.input_size)
-        cost = profile_cost(model, in_channels=entry.in_channels, input_size=entry.input_size, latency_repeats=0)
+        cost = profile_cost(model, in_channels=entry.in_channels, input_size=entry.input_size, latency=False)
         rows.append({"name": name, "params": cost.params, "macs": cost.macs, "flops": cost.flops,
                      "input": [entry.in_channels, entry.input_size, entry.input_size], "num_classes": entry.num_classes,
                      "summary": entry.summary})

@@ -8,19 +8,30 @@ one at the model's evaluation resolution, in eval mode; `macs = flops // 2`
 convolutions, matrix products, attention; batch norm, activations, pooling
 and interpolation add nothing. Only the model passed in is measured, so a
 method's training-only modules (regressors, adapters, critics) never count.
+
+Latency is a deployment's: batch 1, CPU, float32, inference mode, on
+`LATENCY_THREADS` threads whatever the caller runs on (a trial that trains on
+four threads and one that trains on one measure alike), timed by
+`torch.utils.benchmark.Timer.blocked_autorange` (its block-size estimate warms
+up allocator and kernels; then blocks of runs for at least
+`LATENCY_MIN_RUN_S`). The median is the latency, the interquartile range of
+the blocks its noise: the leaderboard treats latencies closer than their
+noise as ties (`leaderboards.stats.latency_noise_ms`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
+
+LATENCY_THREADS = 1
+LATENCY_MIN_RUN_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -28,7 +39,8 @@ class Cost:
     params: int  # trainable and frozen parameters, each shared tensor once
     flops: int  # floating-point operations of one forward pass, batch 1
     macs: int  # multiply-accumulates = flops // 2
-    latency_ms: float  # CPU, batch 1, median over repeats; nan when not measured
+    latency_ms: float  # CPU, batch 1, LATENCY_THREADS threads, median of the timed blocks; nan when not measured
+    latency_iqr_ms: float = math.nan  # the interquartile range of those blocks: the measurement's noise
 
 
 def count_params(module: nn.Module) -> int:
@@ -36,13 +48,12 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def profile_cost(model: nn.Module, *, in_channels: int, input_size: int, latency_repeats: int = 20) -> Cost:
+def profile_cost(model: nn.Module, *, in_channels: int, input_size: int, latency: bool = True) -> Cost:
     """Profile a copy of `model` on CPU at batch 1; `model` itself is left untouched.
 
-    `latency_repeats=0` skips the latency measurement (`latency_ms` is nan).
+    `latency=False` skips the latency measurement (`latency_ms` is nan): it
+    takes `LATENCY_MIN_RUN_S` and more, counting takes milliseconds.
     """
-    if latency_repeats < 0:
-        raise ValueError(f"latency_repeats must be >= 0, got {latency_repeats}")
     params = count_params(model)
     probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     # a private generator: profiling must not move the global RNG a training run depends on
@@ -52,14 +63,10 @@ def profile_cost(model: nn.Module, *, in_channels: int, input_size: int, latency
         with counter:
             probe(x)
         flops = int(counter.get_total_flops())
-        latency = math.nan
-        if latency_repeats:
-            for _ in range(max(2, min(10, latency_repeats // 4))):  # warm-up: allocator, kernels, caches
-                probe(x)
-            times = []
-            for _ in range(latency_repeats):
-                start = time.perf_counter()
-                probe(x)
-                times.append((time.perf_counter() - start) * 1e3)
-            latency = statistics.median(times)
-    return Cost(params=params, flops=flops, macs=flops // 2, latency_ms=latency)
+        latency_ms = latency_iqr_ms = math.nan
+        if latency:
+            timer = benchmark.Timer(stmt="model(x)", globals={"model": probe, "x": x}, num_threads=LATENCY_THREADS)
+            measured = timer.blocked_autorange(min_run_time=LATENCY_MIN_RUN_S)
+            latency_ms, latency_iqr_ms = measured.median * 1e3, measured.iqr * 1e3
+    return Cost(params=params, flops=flops, macs=flops // 2, latency_ms=latency_ms, latency_iqr_ms=latency_iqr_ms)
+
