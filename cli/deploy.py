@@ -17,8 +17,9 @@ EXIT_CHECK_FAILED = 1
 
 @app.command()
 def deploy(
-    source: Annotated[str, typer.Argument(help="a student run's id, or a folder holding its student.pt and "
-                                               "student.json")],
+    source: Annotated[str, typer.Argument(help="a student run's id; a config file (.yaml: the run its `kdarena "
+                                               "export` header names, else a completed run of that config); or a "
+                                               "folder holding its student.pt and student.json")],
     fmt: Annotated[str | None, typer.Option("--format", help="onnx, torchscript or exported-program (onnx needs "
                                                              "`pip install 'kdarena[deploy]'`)")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="the file to write")] = None,

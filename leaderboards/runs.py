@@ -8,18 +8,16 @@ Nothing here writes to MLflow.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sqlite3
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pandas as pd
 
-from kdarena.training.record import Metric, Param, Role, Status, Tag
+from kdarena.training.record import Metric, Param, Role, Status, Tag, config_key
 from kdarena.training.tracking import store_missing
 
 
@@ -36,11 +34,6 @@ RUN_COLUMNS = ["run_id", "experiment", "role", "sweep", "parent_run_id", "datase
                "searched", "trial_key", "config_key", "run_name",
                # where a warm-started trial's config came from ("sweep/trial (run id)"), else None
                "warm_start"]
-
-
-# params that say where or how fast a run ran, not what it computed: ignored when comparing configs
-_RUNTIME_PARAMS = {Param.SEED, "seed", "cache_dir", "experiment", "dataset.root", "dataset.download",
-                   "train.num_threads", "teacher.checkpoint", "teacher.sha256", "teacher.recipe.num_threads"}
 
 
 # -- reading MLflow -------------------------------------------------------------------------------------------
@@ -199,7 +192,7 @@ def _load_runs_client(tracking_uri: str, experiment_names: list[str] | None) -> 
             if role not in Role.STUDENTS:
                 continue
             params = run.data.params
-            key = _config_key(sorted(params.items())) if role in _CONFIG_ROLES else None
+            key = config_key(params) if role in _CONFIG_ROLES else None
             out.add(run.info.run_id, run.info.run_name, run.info.status, run.info.start_time,
                     experiments.get(run.info.experiment_id, run.info.experiment_id), tags, params, run.data.metrics, key)
         token = page.token
@@ -209,11 +202,6 @@ def _load_runs_client(tracking_uri: str, experiment_names: list[str] | None) -> 
 
 
 _CONFIG_ROLES = (Role.FINAL, Role.TRAIN)
-
-
-def _config_key(sorted_params: Iterable[tuple[str, str]]) -> str:
-    text = "\n".join(f"{k}={v}" for k, v in sorted_params if k not in _RUNTIME_PARAMS and Param.SEARCHED_SEP not in k)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _load_runs_sqlite(db: Path, experiment_names: list[str] | None) -> pd.DataFrame:
@@ -261,7 +249,7 @@ def _load_runs_sqlite(db: Path, experiment_names: list[str] | None) -> pd.DataFr
         if exp is None:
             continue
         run_tags = tags.get(run_id, {})
-        key = _config_key(sorted(configs[run_id])) if run_id in configs else None
+        key = config_key(dict(configs[run_id])) if run_id in configs else None
         out.add(run_id, name, state, start, exp, run_tags, params.get(run_id, {}), metrics.get(run_id, {}), key)
     return out.frame()
 

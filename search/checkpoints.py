@@ -22,6 +22,15 @@ holds its epoch in `epoch` beside `trial.pt`: the worker may have written
 one more checkpoint whose result the driver never processed, and resuming
 from it would leave that epoch out of the record.
 
+A stand-in also clears the decision Tune had pending for the trial. Tune
+saves the decision it made on a trial's last result (`STOP` once a trial
+reaches its budget or ASHA stops it) with the experiment state, and applies
+it to the first result the restored trial reports: a trial that had
+finished, restarted from scratch because its checkpoint was gone, was cut
+after one epoch and recorded early-stopped. A trial restored from an older
+point reports epochs that decision was not made on, so the scheduler
+decides again.
+
 Which checkpoint will the saved state restore from? It names the trial's
 last result, whose `checkpoint_dir_name` is checkpoint k; Tune registers
 that checkpoint in a separate save step after the result, so a state saved
@@ -33,6 +42,7 @@ at most: both are provided.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +107,7 @@ def repair(experiment_dir: Path, recorded: dict[str, int]) -> list[str]:
     the trial resumes from.
     """
     said = []
+    stood_in = set()
     for trial in saved_trials(experiment_dir) or []:
         if trial.status == "TERMINATED":
             continue
@@ -107,6 +118,7 @@ def repair(experiment_dir: Path, recorded: dict[str, int]) -> list[str]:
             wanted = trial.folder / name
             if wanted.exists():
                 continue
+            stood_in.add(trial.trial_id)
             if usable:
                 shutil.copytree(usable[-1], wanted)
                 said.append(f"trial {trial.trial_id}: {name} is missing from storage; it resumes from "
@@ -115,4 +127,27 @@ def repair(experiment_dir: Path, recorded: dict[str, int]) -> list[str]:
                 wanted.mkdir(parents=True)
                 said.append(f"trial {trial.trial_id}: {name} is missing from storage and no other checkpoint of a "
                             "recorded epoch is there; it starts again from scratch")
+    _drop_pending_decisions(experiment_dir, stood_in)
     return said
+
+
+# where Tune's saved controller state keeps the decisions it has not carried out yet, by trial id
+PENDING_DECISIONS = ("_cached_trial_decisions", "_queued_trial_decisions")
+
+
+def _drop_pending_decisions(experiment_dir: Path, trial_ids: set[str]) -> None:
+    """Remove `trial_ids`' pending decisions from the state Tune restores from (written whole, then renamed)."""
+    if not trial_ids:
+        return
+    path = sorted(experiment_dir.glob(STATE_GLOB))[-1]
+    try:
+        state = json.loads(path.read_text())
+        runner = state["runner_data"]
+        dropped = [runner[field].pop(t) for field in PENDING_DECISIONS if isinstance(runner.get(field), dict)
+                   for t in trial_ids if t in runner[field]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # another layout: nothing to drop
+    if dropped:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(state))
+        os.replace(partial, path)

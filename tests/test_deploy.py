@@ -235,3 +235,37 @@ def test_runs_without_a_deployable_student_exit_2(store, tmp_path):
         result = _cli("deploy", run_id, "--format", "torchscript", "-o", str(tmp_path / "s.ts"))
         assert result.exit_code == 2 and says in result.output, result.output
     assert not (tmp_path / "s.ts").exists()
+
+
+def test_deploy_a_config_finds_the_run_that_trained_it(store, tmp_path):
+    """`kdarena deploy CONFIG`: the run an exported header names, else a completed run of the same config."""
+    config = yaml.safe_load((store["folder"] / "config.yaml").read_text())
+    plain = tmp_path / "mine.yaml"  # the run's config as a user keeps it: no header
+    plain.write_text(yaml.safe_dump(config))
+    other_seed = tmp_path / "seed7.yaml"  # the same config, another seed: the seed is no part of "the same config"
+    other_seed.write_text(yaml.safe_dump(config | {"train": config["train"] | {"seed": 7}}))
+    for path in (plain, other_seed):
+        result = _cli("deploy", str(path), "--format", "torchscript", "-o", str(tmp_path / "s.ts"), "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["run_id"] == store["run_id"]
+    # a header naming a run wins over the config's content (`kdarena export` writes one)
+    named = tmp_path / "exported.yaml"
+    named.write_text(f"# rank 1: kd, MLflow run {store['run_id']}\n" + yaml.safe_dump(config | {"method": {"name": "at"}}))
+    result = _cli("deploy", str(named), "--format", "torchscript", "-o", str(tmp_path / "e.ts"), "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["run_id"] == store["run_id"]
+    assert json.loads(result.stdout)["source"] == f"run {store['run_id']} (of {named})"
+
+
+def test_deploy_a_config_never_trained_exits_2_and_says_how(store, tmp_path):
+    config = yaml.safe_load((store["folder"] / "config.yaml").read_text())
+    untrained = tmp_path / "wider.yaml"
+    untrained.write_text(yaml.safe_dump(config | {"student": {"arch": "cnn", "options": {"channels": 6}}}))
+    result = _cli("deploy", str(untrained), "--format", "torchscript", "-o", str(tmp_path / "s.ts"))
+    assert result.exit_code == 2 and result.output.startswith("error:")
+    assert f"no completed run of the config in {untrained}" in result.output
+    assert f"kdarena train {untrained}" in result.output
+    gone = tmp_path / "gone.yaml"
+    gone.write_text(f"# rank 1: kd, MLflow run {'0' * 32}\n" + yaml.safe_dump(config))
+    result = _cli("deploy", str(gone), "--format", "torchscript", "-o", str(tmp_path / "s.ts"))
+    assert result.exit_code == 2 and f"comes from run {'0' * 32}, which is not in" in result.output
+    assert not (tmp_path / "s.ts").exists()

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -250,11 +249,13 @@ def test_a_held_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_
     assert not fresh.exists()
 
 
-def _state(folder: Path, trials: list[tuple[str, str, str | None]]) -> None:
-    """An experiment state file as Ray Tune writes it (the fields kdarena reads)."""
+def _state(folder: Path, trials: list[tuple[str, str, str | None]], pending: dict[str, str] | None = None) -> None:
+    """An experiment state file as Ray Tune writes it (the fields kdarena reads), with the controller's pending
+    decisions by trial id."""
     data = [[json.dumps({"trial_id": tid, "status": status, "relative_logdir": f"run_trial_{tid}_x"}),
              json.dumps({"last_result": {"checkpoint_dir_name": ckpt} if ckpt else {}})] for tid, status, ckpt in trials]
-    (folder / "experiment_state-2026.json").write_text(json.dumps({"trial_data": data}))
+    runner = {"_cached_trial_decisions": dict(pending or {}), "_queued_trial_decisions": {}, "_iteration": 95}
+    (folder / "experiment_state-2026.json").write_text(json.dumps({"trial_data": data, "runner_data": runner}))
 
 
 def _checkpoint(folder: Path, name: str, epoch: int) -> None:
@@ -272,10 +273,18 @@ def test_repair_gives_each_unfinished_trial_the_checkpoints_its_state_may_restor
     _checkpoint(tmp_path / "run_trial_c_x", "checkpoint_000005", 6)
     _checkpoint(tmp_path / "run_trial_d_x", "checkpoint_000002", 3)
     _checkpoint(tmp_path / "run_trial_e_x", "checkpoint_000007", 8)  # only a checkpoint the driver never saw
+    _checkpoint(tmp_path / "run_trial_f_x", "checkpoint_000007", 8)  # f: both checkpoints there, nothing stands in
+    _checkpoint(tmp_path / "run_trial_f_x", "checkpoint_000006", 7)
+    # Tune's STOP on e's last result (its budget reached) and on f's: applied to the first result a restored
+    # trial reports, it would cut e, restarted from scratch, after one epoch
     _state(tmp_path, [("a", "PAUSED", "checkpoint_000003"), ("b", "RUNNING", "checkpoint_000000"),
                       ("c", "TERMINATED", "checkpoint_000005"), ("d", "RUNNING", "checkpoint_000002"),
-                      ("e", "RUNNING", "checkpoint_000006")])
-    said = repair(tmp_path, {"a": 5, "b": 1, "c": 6, "d": 3, "e": 7})
+                      ("e", "RUNNING", "checkpoint_000006"), ("f", "RUNNING", "checkpoint_000007")],
+           pending={"e": "STOP", "f": "STOP"})
+    said = repair(tmp_path, {"a": 5, "b": 1, "c": 6, "d": 3, "e": 7, "f": 8})
+    runner = json.loads((tmp_path / "experiment_state-2026.json").read_text())["runner_data"]
+    assert runner == {"_cached_trial_decisions": {"f": "STOP"}, "_queued_trial_decisions": {}, "_iteration": 95}
+    assert [t.trial_id for t in saved_trials(tmp_path)] == list("abcdef")  # the rest of the state as it was
     for name in ("checkpoint_000002", "checkpoint_000003"):  # the state may restore a from either
         assert (tmp_path / "run_trial_a_x" / name / "trial.pt").read_text() == "state after epoch 5"
     assert (tmp_path / "run_trial_b_x" / "checkpoint_000000").is_dir()

@@ -12,7 +12,6 @@ import json
 import math
 import random
 import statistics
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -114,6 +114,34 @@ def test_local_weights_load_in_each_form(form, tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize(("suffix", "fmt"), [("pt", "auto"), ("safetensors", "auto"), ("pt", "timm")])
+@needs_timm
+def test_a_timm_state_dict_loads_as_the_teachers_checkpoint(suffix, fmt, migrated_store, tmp_path):
+    """A teacher fine-tuned with timm itself: its own keys (no `net.`), as torch.save or safetensors writes them."""
+    from kdarena.training.teacher_store import file_sha256, load_weights
+
+    source = _digits("timm/test_resnet")
+    path = tmp_path / f"teacher.{suffix}"
+    if suffix == "safetensors":
+        from safetensors.torch import save_file
+        save_file(source.net.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": source.net.state_dict()}, path)  # a trainer's wrapper, unwrapped too
+    loaded = _digits("timm/test_resnet", drop_rate=0.0)
+    torch.manual_seed(3)
+    for p in loaded.parameters():  # other weights: only the checkpoint makes the logits equal
+        torch.nn.init.normal_(p)
+    load_weights(loaded, path, None, "teacher.checkpoint", fmt=fmt)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(source.eval()(x), loaded.eval()(x), atol=1e-6)
+    doc = {"teacher": {"arch": "timm/test_resnet", "checkpoint": str(path), "format": fmt},
+           "student": {"arch": "cnn", "options": {"channels": 4}}, "train": {"epochs": 1}}
+    result = _train(tmp_path, doc, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["teacher_sha256"] == file_sha256(path) and summary["teacher_trained_now"] is False
+
+
 @needs_timm
 def test_weights_for_other_classes_keep_a_fresh_classifier(tmp_path):
     path = tmp_path / "in1k.pt"

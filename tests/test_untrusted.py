@@ -177,7 +177,7 @@ def test_crafted_pickle_as_imagenet_weights_option_is_refused(cache_env, tmp_pat
     path = crafted_checkpoint(tmp_path / "resnet.pt", marker, "torch-zip")
     cfg = _write_yaml(tmp_path / "cfg.yaml", {"teacher": {"arch": "resnet18", "options": {"weights": str(path)}},
                                               "train": {"epochs": 1}})
-    _refused(_cli("train", str(cfg)), "cannot be read as a PyTorch state_dict", "never pickled objects")
+    _refused(_cli("train", str(cfg)), "is not a loadable weights file", "never pickled objects")
     assert not marker.exists()
 
 

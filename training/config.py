@@ -24,6 +24,7 @@ from kdarena.zoo.models.formats import FORMATS
 from kdarena.zoo.models.timm_models import is_timm
 
 from .documents import apply_overrides, format_validation_error, load_documents, show, validate_document
+from .tracking import flatten
 
 
 class Strict(BaseModel):
@@ -90,7 +91,7 @@ def _teacher_recipe() -> Recipe:
 class TeacherConfig(ModelConfig):
     checkpoint: str | None = Field(None, description="a local state_dict file to use instead of training")
     format: Literal[FORMATS] = Field("auto", description="the checkpoint's key names: auto (detected), kdarena, "
-                                     "repdistiller, mdistiller or torchvision")
+                                     "repdistiller, mdistiller, torchvision or timm")
     sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="the teacher weights' expected sha256")
     recipe: Recipe = Field(default_factory=_teacher_recipe)
 
@@ -141,6 +142,17 @@ class TrainConfig(Strict):
     def method_params(self):
         """The method's validated parameters (defaults filled in)."""
         return get_method(self.method.name).Params.model_validate(self.method.params)
+
+    def run_params(self, *, resolved: bool) -> dict[str, Any]:
+        """The MLflow params a run of this config records, by name (`teacher.recipe.lr`).
+
+        `kdarena train` records the method's parameters `resolved` (its
+        defaults filled in); a sweep's runs record them as the trial set them.
+        """
+        config = self.model_dump(mode="json")
+        if resolved:
+            config["method"]["params"] = self.method_params().model_dump(mode="json")
+        return flatten("", config)
 
 
 def parse_config(raw: Any, source: str = "config") -> TrainConfig:

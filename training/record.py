@@ -8,7 +8,9 @@ stray literals.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 
 from typing import Final
 
@@ -114,6 +116,19 @@ class Param:
     WEIGHT_DECAY: Final = "train.weight_decay"
     # a sweep trial's point under Optuna's names, e.g. kd/temperature, student0/width
     SEARCHED_SEP: Final = "/"
+
+
+# params that say where or how fast a run ran, not what it computed: ignored when comparing configs
+RUNTIME_PARAMS: Final = frozenset({Param.SEED, "seed", "cache_dir", "experiment", "dataset.root", "dataset.download",
+                                   "train.num_threads", "teacher.checkpoint", "teacher.sha256",
+                                   "teacher.recipe.num_threads"})
+
+
+def config_key(params: Mapping[str, str]) -> str:
+    """A hash of a run's config params, its seed and runtime params aside: runs with equal keys trained one config."""
+    text = "\n".join(f"{k}={v}" for k, v in sorted(params.items())
+                     if k not in RUNTIME_PARAMS and Param.SEARCHED_SEP not in k)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 class Artifact:

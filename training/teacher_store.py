@@ -30,7 +30,7 @@ from kdarena.zoo.data import Dataset
 from kdarena.zoo.cache import cache_root
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import StagedModel
-from kdarena.zoo.models.formats import WRAPPERS, load_state, unwrap
+from kdarena.zoo.models.formats import WRAPPERS, load_state, read_tensors, unwrap
 
 from .config import DatasetConfig, TeacherConfig
 from .record import Metric, Status
@@ -92,10 +92,7 @@ def load_weights(model: StagedModel, path: Path, expected_sha256: str | None, wh
     if expected_sha256 is not None and sha != expected_sha256:
         raise UserError(f"{what}: {path} fails its sha256 check (expected {expected_sha256[:16]}…, got {sha[:16]}…): "
                         f"{fix}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for crafted pickles, RuntimeError for truncated zips, …
-        raise UserError(f"{what}: {path} is not a loadable weights file ({type(exc).__name__}); kdarena loads tensors only") from None
+    loaded = read_tensors(path, what, "give a state_dict saved with torch.save, or a .safetensors file")
     state = unwrap(loaded)
     if state is None:
         raise UserError(f"{what}: {path} holds a {type(loaded).__name__} with no state_dict in it (a mapping of names "

@@ -136,8 +136,7 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
                       device: torch.device, callbacks: Callbacks, source_config: dict[str, Any] | None) -> dict[str, Any]:
     resolved = cfg.model_dump(mode="json")
     resolved["method"]["params"] = distiller.params.model_dump(mode="json")
-    mlflow.log_params(flatten("", {k: v for k, v in resolved.items() if k != "teacher"})
-                      | flatten("teacher", {k: v for k, v in resolved["teacher"].items()}))
+    mlflow.log_params(cfg.run_params(resolved=True))
     ident = identity(data, cfg.dataset.root)
     tags = student_tags(cfg, with_teacher=teacher is not None) | dataset_tags(ident)
     if teacher:

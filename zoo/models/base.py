@@ -33,11 +33,14 @@ class StagedModel(nn.Module):
     A family that RepDistiller and mdistiller also define says how their
     state_dict keys become its own (`REFERENCE_RENAMES`: regex, replacement,
     applied in order); a family whose keys are torchvision's says so
-    (`TORCHVISION_KEYS`). `zoo.models.formats` loads checkpoints by them.
+    (`TORCHVISION_KEYS`); a wrapper of a timm network names the prefix its
+    keys sit under (`TIMM_KEYS_UNDER`). `zoo.models.formats` loads
+    checkpoints by them.
     """
 
     REFERENCE_RENAMES: ClassVar[tuple[tuple[str, str], ...] | None] = None  # None: no reference network
     TORCHVISION_KEYS: ClassVar[bool] = False
+    TIMM_KEYS_UNDER: ClassVar[str | None] = None
 
     def forward_stages(self, x: torch.Tensor) -> StageOutput:
         raise NotImplementedError

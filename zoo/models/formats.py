@@ -1,7 +1,9 @@
 """Checkpoints saved by other code bases, loaded into the zoo's networks.
 
 The CIFAR teachers people reuse were trained by RepDistiller and mdistiller
-(the same model code, so the same key names), or are torchvision's. The zoo
+(the same model code, so the same key names), or are torchvision's; a timm
+network's own state_dict (`model.state_dict()` of `timm.create_model`) loads
+into `arch: timm/NAME`. The zoo
 defines the same networks layer for layer under its own key names; each
 family says how the reference names become its own (`StagedModel.
 REFERENCE_RENAMES`) or that its names are torchvision's (`TORCHVISION_KEYS`).
@@ -14,17 +16,40 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from .base import StagedModel
 
-FORMATS = ("auto", "kdarena", "repdistiller", "mdistiller", "torchvision")
+FORMATS = ("auto", "kdarena", "repdistiller", "mdistiller", "torchvision", "timm")
 # what trainers save around the weights: RepDistiller {epoch, model, best_acc, optimizer}, mdistiller {model},
 # Lightning-style {state_dict}, pytorch-cifar {net, acc, epoch}
 WRAPPERS = ("model", "state_dict", "net")
 _SHOWN = 3  # keys named per kind of mismatch; the rest are counted
+
+
+def read_tensors(path: Path, what: str, fix: str) -> object:
+    """A weights file's contents, tensors only: never a pickled object that could run code. `.safetensors` (the
+    format timm's and the Hugging Face hub's weights come in) or a `torch.save` file; a UserError naming `what`,
+    the file and then `fix` otherwise."""
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"{what} '{path}' is a .safetensors file and reading one needs the safetensors package: "
+                            "pip install safetensors (it comes with kdarena[timm])") from None
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # a truncated or foreign file: safetensors raises its own error types
+            raise UserError(f"{what} '{path}' cannot be read as safetensors ({type(exc).__name__}); {fix}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for crafted pickles, RuntimeError for truncated zips, …
+        # not torch's own text: it spans lines and suggests weights_only=False, which would run a crafted file's code
+        raise UserError(f"{what} '{path}' is not a loadable weights file ({type(exc).__name__}; kdarena loads tensors "
+                        f"only, never pickled objects); {fix}") from None
 
 
 def unwrap(obj: object) -> dict[str, torch.Tensor] | None:
@@ -57,15 +82,18 @@ def formats_of(model: StagedModel) -> list[str]:
         found += ["repdistiller", "mdistiller"]
     if model.TORCHVISION_KEYS:
         found.append("torchvision")
+    if model.TIMM_KEYS_UNDER is not None:
+        found.append("timm")
     return found
 
 
 def _renamed(model: StagedModel, state: dict[str, torch.Tensor], fmt: str) -> dict[str, tuple[str, torch.Tensor]]:
     """{this model's key: (the file's key, tensor)} under `fmt`'s names."""
     rules = model.REFERENCE_RENAMES if fmt in ("repdistiller", "mdistiller") else ()
+    prefix = model.TIMM_KEYS_UNDER if fmt == "timm" else ""
     out = {}
     for key, tensor in state.items():
-        new = key
+        new = prefix + key
         for pattern, replacement in rules or ():
             new = re.sub(pattern, replacement, new)
         out[new] = (key, tensor)

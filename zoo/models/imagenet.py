@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from ..errors import UserError
 from .base import StagedModel, StageOutput
-from .formats import unwrap
+from .formats import read_tensors, unwrap
 
 _NO_DOWNLOAD = ("kdarena never downloads weights: pass the path of a local state_dict file "
                 "(one saved with torch.save(model.state_dict(), path))")
@@ -64,7 +64,7 @@ def load_local_weights(model: nn.Module, path: str | Path, *, classifier: tuple[
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"weights file '{p}' does not exist; {_NO_DOWNLOAD}")
-    state = unwrap(_read_tensors(p))
+    state = unwrap(read_tensors(p, "weights file", _NO_DOWNLOAD))
     if state is not None and own_prefix and all(k.startswith(own_prefix) for k in state):
         state = {k[len(own_prefix):]: v for k, v in state.items()}
     if state is None:
@@ -90,27 +90,6 @@ def load_local_weights(model: nn.Module, path: str | Path, *, classifier: tuple[
                     " for a ResNet below 64 px, stem='imagenet' (optionally resize=224).")
         raise UserError(f"weights file '{p}' does not fit this model: {'; '.join(problems[:5])}{more}.{hint}")
     model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
-
-
-def _read_tensors(p: Path) -> object:
-    """The file's contents: tensors only, never a pickled object that could run code."""
-    if p.suffix == ".safetensors":  # the format timm's and the Hugging Face hub's weights come in
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise UserError(f"weights file '{p}' is a .safetensors file and reading one needs the safetensors "
-                            "package: pip install safetensors (it comes with kdarena[timm])") from None
-        try:
-            return load_file(p, device="cpu")
-        except Exception as exc:  # a truncated or foreign file: safetensors raises its own error types
-            raise UserError(f"weights file '{p}' cannot be read as safetensors ({type(exc).__name__}); "
-                            f"{_NO_DOWNLOAD}") from None
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle of non-tensor objects, …
-        # not torch's own text: it spans lines and suggests weights_only=False, which would run a crafted file's code
-        raise UserError(f"weights file '{p}' cannot be read as a PyTorch state_dict ({type(exc).__name__}; kdarena "
-                        f"loads tensors only, never pickled objects); {_NO_DOWNLOAD}") from None
 
 
 def _fresh_conv(c_in: int, c_out: int, k: int, stride: int, padding: int) -> nn.Conv2d:

@@ -17,7 +17,8 @@ stem and stages, a ViT's blocks as B×C×h×w maps); the logits are
 `forward_head` of its final features, the same as the model's own forward.
 timm gives no pre-activations, so `preact` holds the same maps as `stages`.
 The network is held as `net`: a kdarena `student.pt` of one has `net.` keys,
-and either that or timm's own keys load as `weights`.
+and either that or timm's own keys load as `weights`, or as a teacher's
+`checkpoint` (format `timm`, detected by `auto`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def timm_problem(arch: str) -> str | None:
 
 class TimmModel(StagedModel):
     """A timm network behind the feature contract; see the module docstring."""
+
+    TIMM_KEYS_UNDER = "net."
 
     def __init__(self, *, num_classes: int, in_channels: int, input_size: int, name: str,
                  weights: str | None = None, pretrained: bool = False, **options):
