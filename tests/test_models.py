@@ -191,7 +191,7 @@ def test_incompatible_or_corrupt_weights_are_user_errors(tmp_path):
         build_model("resnet18", num_classes=10, in_channels=3, input_size=32, weights=str(path))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match=r"junk\.pt.*cannot be read"):
+    with pytest.raises(UserError, match=r"junk\.pt.*is not a loadable weights file"):
         build_model("resnet50", num_classes=10, in_channels=3, input_size=32, weights=str(junk))
     notdict = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], notdict)

@@ -60,6 +60,20 @@ class StageShape:
     spatial: bool  # False for B×D (MLP) stages
 
 
+def run_stages(x: torch.Tensor, stages: nn.ModuleList) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """`x` through each stage's blocks in turn, every block returning (output, its pre-activation).
+
+    Returns the final output, each stage's output, and the pre-activation of each stage's last block.
+    """
+    outputs, preact = [], []
+    for stage in stages:
+        for block in stage:
+            x, z = block(x)
+        outputs.append(x)
+        preact.append(z)
+    return x, outputs, preact
+
+
 def stage_shapes(model: StagedModel, in_channels: int, input_size: int) -> list[StageShape]:
     """Shapes of a model's stages at an input size, found by one dry run.
 

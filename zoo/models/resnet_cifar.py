@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._init import init_conv_bn
-from .base import StagedModel, StageOutput
+from .base import StageOutput, StagedModel, run_stages
 
 
 class BasicBlock(nn.Module):
@@ -78,11 +78,6 @@ class CifarResNet(StagedModel):
 
     def forward_stages(self, x: torch.Tensor) -> StageOutput:
         x = F.relu(self.bn1(self.conv1(x)))
-        stages, preact = [], []
-        for layer in self.layers:
-            for block in layer:
-                x, z = block(x)
-            stages.append(x)
-            preact.append(z)
+        x, stages, preact = run_stages(x, self.layers)
         pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return StageOutput(self.fc(pooled), stages, preact)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._init import init_conv_bn
-from .base import StagedModel, StageOutput
+from .base import StageOutput, StagedModel, run_stages
 
 
 class Bottleneck(nn.Module):
@@ -74,11 +74,6 @@ class ResNeXt(StagedModel):
 
     def forward_stages(self, x: torch.Tensor) -> StageOutput:
         x = F.relu(self.bn1(self.conv1(x)))
-        stages, preact = [], []
-        for stage in self.stages:
-            for block in stage:
-                x, z = block(x)
-            stages.append(x)
-            preact.append(z)
+        x, stages, preact = run_stages(x, self.stages)
         pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return StageOutput(self.fc(pooled), stages, preact)

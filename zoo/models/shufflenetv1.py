@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._init import init_conv_bn
-from .base import StagedModel, StageOutput
+from .base import StageOutput, StagedModel, run_stages
 from .shufflenetv2 import channel_shuffle
 
 STAGE_CHANNELS: dict[int, tuple[int, int, int]] = {
@@ -86,11 +86,6 @@ class ShuffleNetV1(StagedModel):
 
     def forward_stages(self, x: torch.Tensor) -> StageOutput:
         x = F.relu(self.stem_bn(self.stem(x)))
-        stages, preact = [], []
-        for stage in self.stages:
-            for unit in stage:
-                x, z = unit(x)
-            stages.append(x)
-            preact.append(z)
+        x, stages, preact = run_stages(x, self.stages)
         pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return StageOutput(self.classifier(pooled), stages, preact)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._init import init_conv_bn
-from .base import StagedModel, StageOutput
+from .base import StageOutput, StagedModel, run_stages
 
 # net size → (stage channels ×3, final channels), basic units per stage
 CONFIGS: dict[float, tuple[tuple[int, int, int, int], tuple[int, int, int]]] = {
@@ -110,12 +110,7 @@ class ShuffleNetV2(StagedModel):
 
     def forward_stages(self, x: torch.Tensor) -> StageOutput:
         x = F.relu(self.stem_bn(self.stem(x)))
-        stages, preact = [], []
-        for stage in self.stages:
-            for unit in stage:
-                x, z = unit(x)
-            stages.append(x)
-            preact.append(z)
+        x, stages, preact = run_stages(x, self.stages)
         z = self.head_bn(self.head_conv(x))
         x = F.relu(z)
         stages[-1], preact[-1] = x, z
