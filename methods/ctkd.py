@@ -40,7 +40,6 @@ from pydantic import Field
 from torch import nn
 
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import promote
 from .kd import kd_loss
 from .space import FloatRange
 
@@ -121,5 +120,5 @@ class CTKD(Distiller):
         self.record("lambda", lam)
         return logits, {
             "loss_ce": p.ce_weight * cross_entropy(logits, labels),
-            "loss_kd": p.kd_weight * kd_loss(promote(logits), promote(teacher_logits), t),
+            "loss_kd": p.kd_weight * kd_loss(logits, teacher_logits, t),
         }

@@ -4,9 +4,10 @@ Per epoch it reports the mean of every loss term, the method's diagnostics,
 train and validation accuracy, and writes a checkpoint that a resumed run
 continues from (same batches, same random state). A non-finite loss ends the
 run with status `diverged` and the term that went bad; so does val_acc at chance for
-`recipe.chance_patience` epochs in a row (a run that learns nothing). On CUDA it trains in
-bf16 autocast with channels_last; on CPU in float32 with `recipe.num_threads`
-(default: torch's own, i.e. OMP_NUM_THREADS or all cores).
+`recipe.chance_patience` epochs in a row (a run that learns nothing). Precision and
+memory format come from an `Execution` (default: bf16 autocast with channels_last on
+CUDA, float32 on CPU with `recipe.num_threads`, i.e. torch's own count by default:
+OMP_NUM_THREADS or all cores).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import pickle
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +28,7 @@ from kdarena.zoo.data import BatchLoader, Dataset, Split
 from kdarena.zoo.errors import UserError
 
 from .base import Distiller, StepInfo
+from .execution import Execution
 from .recipe import Recipe
 
 
@@ -85,12 +86,13 @@ def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def evaluate(model: nn.Module, loader: BatchLoader) -> float:
-    """Top-1 accuracy of `model` over a loader, in eval mode."""
+def evaluate(model: nn.Module, loader: BatchLoader, execution: Execution | None = None) -> float:
+    """Top-1 accuracy of `model` over a loader, in eval mode (precision: `execution`, default the device's)."""
+    execution = execution or Execution.default(loader.device)
     was_training = model.training
     model.eval()
     correct = total = 0
-    with torch.inference_mode(), _autocast(loader.device):
+    with torch.inference_mode(), execution.autocast():
         for images, labels in loader:
             correct += int((model(images).argmax(1) == labels).sum())
             total += int(labels.numel())
@@ -98,23 +100,28 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> float:
     return correct / max(1, total)
 
 
-def eval_loader(split: Split, data: Dataset, device: torch.device, batch_size: int = 512) -> BatchLoader:
+def eval_loader(split: Split, data: Dataset, device: torch.device, batch_size: int = 512,
+                execution: Execution | None = None) -> BatchLoader:
+    execution = execution or Execution.default(device)
     return BatchLoader(split, batch_size=batch_size, mean=data.mean, std=data.std, device=device,
-                       channels_last=device.type == "cuda")
+                       channels_last=execution.channels_last)
 
 
-def training_loader(distiller: Distiller, data: Dataset, recipe: Recipe, device: torch.device) -> BatchLoader:
+def training_loader(distiller: Distiller, data: Dataset, recipe: Recipe, device: torch.device,
+                    execution: Execution | None = None) -> BatchLoader:
     """The shuffled, augmented training batches: their order depends on the recipe's seed alone, never the method."""
+    execution = execution or Execution.default(device)
     return BatchLoader(data.train, batch_size=recipe.batch_size, mean=data.mean, std=data.std, device=device,
                        shuffle=True, augment=recipe.augment_for(data), seed=recipe.seed,
-                       channels_last=device.type == "cuda", strong=distiller.strong_view)
+                       channels_last=execution.channels_last, strong=distiller.strong_view)
 
 
 def train_step(distiller: Distiller, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               step: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               step: StepInfo, execution: Execution | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step of any method: its adversaries' updates, then the student's."""
+    execution = execution or Execution.default(images.device)
     distiller.aux_step(images, labels, step)
-    with _autocast(images.device):
+    with execution.autocast():
         logits, losses = distiller.forward_train(images, labels, step)
     optimizer.zero_grad(set_to_none=True)
     distiller.backward(losses, step)
@@ -126,7 +133,7 @@ def train_step(distiller: Distiller, optimizer: torch.optim.Optimizer, images: t
 def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.device | None = None,
         checkpoint_path: Path | None = None, evaluate_test: bool = True,
         on_epoch: Callable[[EpochResult], None] | None = None,
-        on_batch: Callable[[int, int], None] | None = None) -> FitResult:
+        on_batch: Callable[[int, int], None] | None = None, execution: Execution | None = None) -> FitResult:
     """Train `distiller.student` (and its training-only modules) for `recipe.epochs`.
 
     With `checkpoint_path`, a checkpoint is written after every epoch and, if
@@ -134,19 +141,21 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
     epoch run now (not those restored); `on_batch(done, total)` each step.
     Test accuracy is measured once, after the last epoch of a completed run.
     """
-    device = device or pick_device()
+    execution = execution or Execution.default(device or pick_device())
+    device = execution.device
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
-    cuda = device.type == "cuda"
     distiller.to(device)
     if distiller.teacher is not None:
         distiller.teacher.to(device).eval()
         distiller.teacher.requires_grad_(False)
-    if cuda:
+    if execution.channels_last:
         distiller.to(memory_format=torch.channels_last)
+        if distiller.teacher is not None:  # not a submodule: moved on its own
+            distiller.teacher.to(memory_format=torch.channels_last)
 
-    train_loader = training_loader(distiller, data, recipe, device)
-    val_loader = eval_loader(data.val, data, device)
+    train_loader = training_loader(distiller, data, recipe, device, execution)
+    val_loader = eval_loader(data.val, data, device, execution=execution)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(distiller.student_optimizer_parameters(), recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, steps_per_epoch))
@@ -170,7 +179,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
             images, labels = batch.images, batch.labels
             step = StepInfo(epoch, recipe.epochs, epoch * steps_per_epoch + i, steps_per_epoch,
                             indices=batch.indices if distiller.wants_indices else None, strong_images=batch.strong)
-            logits, losses = train_step(distiller, optimizer, images, labels, step)
+            logits, losses = train_step(distiller, optimizer, images, labels, step, execution)
             scheduler.step()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() * labels.numel()
@@ -185,7 +194,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
             return FitResult("diverged", history, reason=reason)
         result = EpochResult(
             epoch=epoch, losses=losses_mean, train_acc=float(correct) / seen,
-            val_acc=evaluate(distiller.student, val_loader), lr=optimizer.param_groups[0]["lr"],
+            val_acc=evaluate(distiller.student, val_loader, execution), lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - t0, diagnostics=distiller.pop_diagnostics(),
         )
         at_chance = at_chance + 1 if epoch >= judged_from and result.val_acc <= chance + CHANCE_MARGIN else 0
@@ -199,7 +208,8 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         if on_epoch is not None:
             on_epoch(result)
 
-    test_acc = evaluate(distiller.student, eval_loader(data.test, data, device)) if evaluate_test else None
+    test_acc = (evaluate(distiller.student, eval_loader(data.test, data, device, execution=execution), execution)
+                if evaluate_test else None)
     return FitResult("completed", history, test_acc=test_acc)
 
 
@@ -220,10 +230,6 @@ def _epochs_at_chance(history: list[EpochResult], chance: float, judged_from: in
             break
         count += 1
     return count
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def _save(path: Path, epochs_done: int, history: list[EpochResult], distiller: Distiller,

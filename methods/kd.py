@@ -47,7 +47,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """τ²·KL(softmax(z_t/τ) ‖ softmax(z_s/τ)), batch-mean: the soft-target term other methods reuse.
 
     With `logit_std`, both logits are standardised (`standardize`) before the temperature; τ² stays.
+    Computed in at least float32 (`promote`): bf16 log-probabilities under autocast made the KL negative.
     """
+    student_logits, teacher_logits = promote(student_logits), promote(teacher_logits)
     if logit_std:
         student_logits, teacher_logits = standardize(student_logits), standardize(teacher_logits)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)

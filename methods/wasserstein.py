@@ -35,7 +35,7 @@ from kdarena.zoo.models import StageOutput
 
 from .adversarial import TeacherCache, buffers_kept
 from .base import Distiller, MethodParams, PairInfo, StepInfo, cross_entropy
-from .features import pool_to_match, resolve_stage
+from .features import pool_to_match, promote, resolve_stage
 from .kd import kd_loss
 from .space import Choice, FloatRange
 
@@ -157,7 +157,7 @@ class Wasserstein(Distiller):
         out = self.student.forward_stages(images)
         teacher = self._teacher_cache.pop(images, self.teacher_forward)
         _, fake = self._maps(out.stages[self.s_layer], self._teacher_map(teacher))
-        losses = {"loss_ce": cross_entropy(out.logits, labels), "loss_adv": p.adv_weight * -self.critic(fake).mean()}
+        losses = {"loss_ce": cross_entropy(out.logits, labels), "loss_adv": p.adv_weight * -promote(self.critic(fake)).mean()}
         if p.kd_weight > 0:
             losses["loss_kd"] = p.kd_weight * kd_loss(out.logits, teacher.logits, p.temperature)
         return out.logits, losses

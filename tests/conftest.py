@@ -13,6 +13,18 @@ import pytest  # noqa: E402
 from kdarena.zoo.data import load_dataset  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch sees no GPU here (benchmarks/device_check.py runs these where "
+                                   "one is lent)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")

@@ -122,10 +122,11 @@ def kd_by_hand(zs, zt, T) -> float:
     return T * T * total / len(zs)
 
 
-def uninterrupted_and_resumed(make_distiller, data, recipe, tmp_path, stop_after: int = 1):
+def uninterrupted_and_resumed(make_distiller, data, recipe, tmp_path, stop_after: int = 1, execution=None):
     """(FitResult of an uninterrupted run, FitResult of a run interrupted after `stop_after` epochs and resumed).
 
-    `make_distiller()` builds a fresh distiller (fresh weights) each time, as a new process would.
+    `make_distiller()` builds a fresh distiller (fresh weights) each time, as a new process would; `execution`
+    (`methods.execution.Execution`) runs both on other settings than the CPU's default.
     """
     import pytest
 
@@ -135,7 +136,8 @@ def uninterrupted_and_resumed(make_distiller, data, recipe, tmp_path, stop_after
         def on_epoch(e):
             if stop is not None and e.epoch + 1 == stop:
                 raise KeyboardInterrupt
-        return fit(make_distiller(), data, recipe, device=CPU, checkpoint_path=ckpt, on_epoch=on_epoch)
+        return fit(make_distiller(), data, recipe, device=CPU, checkpoint_path=ckpt, on_epoch=on_epoch,
+                   execution=execution)
 
     full = run(tmp_path / "uninterrupted.pt")
     with pytest.raises(KeyboardInterrupt):
