@@ -8,7 +8,11 @@ on a GPU machine that has none of Ray, MLflow or Optuna.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +88,20 @@ def test_bf16_changes_the_arithmetic_not_the_result(digits):
 def test_the_default_is_bf16_and_channels_last_on_cuda_only():
     assert Execution.default(torch.device("cpu")) == Execution(torch.device("cpu"), bf16=False, channels_last=False)
     assert Execution.default(torch.device("cuda")) == Execution(torch.device("cuda"), bf16=True, channels_last=True)
+
+
+def test_the_device_check_runs_here_on_cpu(tmp_path):
+    """`benchmarks/device_check.py`, the script run where a GPU is lent, in its smallest form: digits, one epoch."""
+    out = tmp_path / "check.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.device_check", "--data", "digits", "--epochs", "1",
+                           "--teacher-epochs", "2", "--batch-size", "64", "--json", str(out)],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bf16 + channels_last vs float32:" in done.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["teacher cnn", "kd bf16 + channels_last", "kd float32"]
+    assert all(r["images_per_s"] > 0 and 0 < r["test_acc"] <= 1 and len(r["loss"]) >= 1 for r in runs)
+    assert runs[0]["test_acc"] > 0.9  # the teacher learned digits in two epochs: its students had something to learn
 
 
 @pytest.mark.gpu
