@@ -5,7 +5,7 @@ It needs torch, pydantic, numpy and pyyaml (and Pillow for JPEG folders): none o
 on a machine with torch and a GPU and no network, the engine's few packages carried as wheels. On CPU (CI runs
 it so, on digits) the same code runs with CPU autocast.
 
-    python -m benchmarks.device_check --data ../shared/data/cifar10-jpeg.tar.gz      # the CIFAR-10 JPEG copy
+    python -m benchmarks.device_check --data DIR/cifar10-jpeg.tar.gz      # an imagefolder .tar.gz: CIFAR-10 as JPEGs
     python -m benchmarks.device_check --data digits --epochs 1 --teacher-epochs 1   # seconds, anywhere
 
 The teacher is trained first (bf16 + channels_last on CUDA); each student run then starts from the same seed.

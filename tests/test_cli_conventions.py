@@ -52,7 +52,10 @@ def test_shell_completion_script_and_completions():
     import os
 
     kdarena = str(Path(sys.executable).parent / "kdarena")
-    script = subprocess.run([kdarena, "--show-completion", "bash"], capture_output=True, text=True, timeout=120)
+    # typer detects the shell from the parent processes, which a test runner need not have; its own switch makes
+    # --show-completion take the shell's name instead
+    script = subprocess.run([kdarena, "--show-completion", "bash"], capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert script.returncode == 0 and "complete -o default -F _kdarena_completion kdarena" in script.stdout
 
     def completions(words: str) -> list[str]:

@@ -22,12 +22,12 @@ noise as ties (`leaderboards.stats.latency_noise_ms`).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 LATENCY_THREADS = 1
@@ -65,8 +65,22 @@ def profile_cost(model: nn.Module, *, in_channels: int, input_size: int, latency
         flops = int(counter.get_total_flops())
         latency_ms = latency_iqr_ms = math.nan
         if latency:
-            timer = benchmark.Timer(stmt="model(x)", globals={"model": probe, "x": x}, num_threads=LATENCY_THREADS)
+            timer = _timer_class()(stmt="model(x)", globals={"model": probe, "x": x}, num_threads=LATENCY_THREADS)
             measured = timer.blocked_autorange(min_run_time=LATENCY_MIN_RUN_S)
             latency_ms, latency_iqr_ms = measured.median * 1e3, measured.iqr * 1e3
     return Cost(params=params, flops=flops, macs=flops // 2, latency_ms=latency_ms, latency_iqr_ms=latency_iqr_ms)
 
+
+
+def _timer_class() -> type:
+    """`torch.utils.benchmark.Timer`, imported when first needed and quietly: the import loads
+    `torch.utils.cpp_extension`, which logs a warning on a machine with a CUDA_HOME but no CUDA runtime, and that
+    line would land in the stderr of every command that measures latency."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        logger.setLevel(level)
+    return Timer
