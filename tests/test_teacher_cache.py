@@ -1,6 +1,6 @@
 """The teacher-output cache: the logit methods trained from cached teacher logits end bit for bit where they end with
 the teacher run every step (resumed or not); the cache is used only where the method and the recipe allow it; logits
-computed another way, or another machine's, are never trusted."""
+computed another way, or another machine's, are never trusted; a damaged stored file is computed again."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from kdarena.methods.execution import Execution
 from kdarena.methods.kd import KD
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.teacher_logits import cacheable
+from kdarena.training.config import parse_config
+from kdarena.training.logit_store import stored_teacher_logits
+from kdarena.training.teacher_store import StoredTeacher
 
 from helpers import CPU, assert_resumed_exactly, assert_same_state, digits_model, digits_pair, uninterrupted_and_resumed
 
@@ -150,3 +153,52 @@ def test_logits_handed_to_a_fit_are_used_only_if_computed_along_its_path_and_mat
     off = replace(given, logits=given.logits.nextafter(torch.tensor(float("inf"))))
     with pytest.warns(RuntimeWarning, match="cached teacher logits not used.*the teacher runs every step"):
         _assert_same_run(fit_given(off), live)
+
+
+def _stored_teacher() -> StoredTeacher:
+    return StoredTeacher(Teacher().model, "", "0" * 64, None, None, None, trained_now=False)
+
+
+def _flip_a_byte(path) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[-200] ^= 1
+    path.write_bytes(bytes(blob))
+
+
+DAMAGE = {
+    "truncated": lambda pt, meta: pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2]),
+    "a byte changed": lambda pt, meta: _flip_a_byte(pt),
+    "sidecar unreadable": lambda pt, meta: meta.write_text("{not json"),
+    "file gone": lambda pt, meta: pt.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_stored_logits_are_reused_and_a_damaged_file_is_said_and_computed_again(damage, digits, tmp_path):
+    cfg = parse_config({}, "default")
+    teacher = _stored_teacher()
+    said: list[str] = []
+    first = stored_teacher_logits(teacher, cfg, digits, FLOAT32, tmp_path, said.append)
+    (pt,) = (tmp_path / "logits").glob("*.pt")
+    meta = pt.with_suffix(".json")
+    written = pt.stat().st_mtime_ns
+    again = stored_teacher_logits(teacher, cfg, digits, FLOAT32, tmp_path, said.append)
+    assert torch.equal(again.logits, first.logits) and again.path == first.path
+    assert pt.stat().st_mtime_ns == written and not said  # read back, not computed again
+
+    DAMAGE[damage](pt, meta)
+    rebuilt = stored_teacher_logits(teacher, cfg, digits, FLOAT32, tmp_path, said.append)
+    assert torch.equal(rebuilt.logits, first.logits)
+    assert len(said) == 1 and str(pt) in said[0] and said[0].endswith("computing them again"), said
+    stored_teacher_logits(teacher, cfg, digits, FLOAT32, tmp_path, said.append)
+    assert len(said) == 1  # the rebuilt file is intact
+
+
+def test_logits_are_stored_per_path_and_teacher(digits, tmp_path):
+    cfg = parse_config({}, "default")
+    teacher = _stored_teacher()
+    for c, t in [(cfg, teacher), (cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 32})}), teacher),
+                 (cfg, replace(teacher, sha256="1" * 64))]:
+        stored_teacher_logits(t, c, digits, FLOAT32, tmp_path, pytest.fail)
+    assert len(list((tmp_path / "logits").glob("*.pt"))) == 3
+    assert not [p for p in (tmp_path / "logits").iterdir() if p.suffix not in (".pt", ".json", ".lock")]
