@@ -270,9 +270,10 @@ def _epochs_at_chance(history: list[EpochResult], chance: float, judged_from: in
 def _teacher_cache(distiller: Distiller, data: Dataset, recipe: Recipe, execution: Execution,
                    given: TeacherLogits | None, loader: BatchLoader, epoch: int) -> TeacherLogits | None:
     """The cached teacher logits this fit hands its method: `given` where computed along this fit's path, else
-    computed now; None where the method or recipe rules a cache out, or where the teacher, run on the first training
-    batch of `epoch`, gives other bits than the cache (kernels whose result depends on the other images in a batch)."""
-    if distiller.teacher is None or not cacheable(type(distiller), recipe, data):
+    computed now; None where the method or recipe rules a cache out, where no epoch is left from `epoch` on, or where
+    the teacher, run on the first training batch of `epoch`, gives other bits than the cache (kernels whose result
+    depends on the other images in a batch)."""
+    if epoch >= recipe.epochs or distiller.teacher is None or not cacheable(type(distiller), recipe, data):
         return None
     path = logit_path(recipe, execution)
     if given is not None and given.path == path and given.logits.shape == (len(data.train), data.num_classes):
