@@ -19,34 +19,16 @@ ratios are to them.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Iterator
 
 import torch
 
-from kdarena.methods import METHODS, Distiller, PairInfo, StepInfo
-from kdarena.methods.engine import build_optimizer, train_step
+from kdarena.methods import METHODS, PairInfo
+from kdarena.methods.engine import build_optimizer
 from kdarena.methods.recipe import Recipe
-from kdarena.zoo.data import Batch, BatchLoader, Split
+from kdarena.zoo.data import Split
 from kdarena.zoo.models import build_model, stage_shapes
 
-# the engine's view of the run: epoch 10 of 100 is past adversaries' warm-up, and two-stage methods
-# (fsp's default) are in their distillation stage, the one that costs more than baseline
-EPOCH, EPOCHS, STEPS_PER_EPOCH = 10, 100, 100
-
-
-def steps(method: type[Distiller], split: Split, batch_size: int, seed: int) -> Iterator[tuple[Batch, StepInfo]]:
-    """Endless (batch, StepInfo) as `engine.fit` makes them for this method: shuffled, strong view, indices."""
-    loader = BatchLoader(split, batch_size=batch_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), shuffle=True,
-                         seed=seed, strong=method.strong_view)
-    i = 0
-    while True:
-        loader.set_epoch(i)
-        for batch in loader.batches():
-            yield batch, StepInfo(EPOCH, EPOCHS, EPOCH * STEPS_PER_EPOCH + i, STEPS_PER_EPOCH,
-                                  indices=batch.indices if method.wants_indices else None, strong_images=batch.strong)
-        i += 1
+from .engine_steps import interleaved_times, print_medians, step, steps
 
 
 def main() -> None:
@@ -84,30 +66,13 @@ def main() -> None:
             continue
         distiller = method(student, teacher if method.needs_teacher else None, method.Params(), pair)
         optimizer = build_optimizer(distiller.student_optimizer_parameters(), Recipe())
-        batches = steps(method, split, args.batch_size, seed=0)
-        batch, step = next(batches)
         distiller.train()
-        train_step(distiller, optimizer, batch.images, batch.labels, step)  # warm-up (and discriminator warm-up)
-        runs[name] = (distiller, optimizer, batches)
+        runs[name] = (distiller, optimizer, steps(method, split, args.batch_size, (0.5,) * 3, (0.25,) * 3))
+        step(runs[name])  # warm-up (and discriminator warm-up)
 
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, (distiller, optimizer, batches) in runs.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                batch, step = next(batches)
-                train_step(distiller, optimizer, batch.images, batch.labels, step)
-            times[name].append((time.perf_counter() - start) / args.steps)
-
-    base = statistics.median(times["baseline"])
-    kd = statistics.median(times["kd"])
-    print(f"{args.teacher} -> {args.student}, 32x32, batch {args.batch_size}, CPU threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds of {args.steps} steps")
-    print("| method | ms per step | vs baseline | vs kd |")
-    print("|---|---|---|---|")
-    for name, values in times.items():
-        t = statistics.median(values)
-        print(f"| {name} | {1000 * t:.0f} | {t / base:.2f}x | {t / kd:.2f}x |")
+    print_medians(f"{args.teacher} -> {args.student}, 32x32, batch {args.batch_size}, CPU threads "
+                  f"{torch.get_num_threads()}, {args.rounds} rounds of {args.steps} steps",
+                  interleaved_times(runs, args.rounds, args.steps), "method", {"vs baseline": "baseline", "vs kd": "kd"})
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ def logit_discriminator(num_classes: int, hidden: int) -> nn.Sequential:
 class Adversarial(Distiller):
     name = "adversarial"
     Params = AdversarialParams
+    teacher_logits_only = True
     reference = ("kdarena's own seed method, no published reference code: an MLP discriminator on logits "
                  "(teacher 0, student 1), non-saturating GAN loss for the student, optional τ²·KL")
     space = {
@@ -120,9 +121,6 @@ class Adversarial(Distiller):
 
     def aux_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"discriminator": self.d_optimizer}
-
-    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher_forward(images).logits
 
     def d_update(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One Adam step of `D` on (detached) logits; its loss and accuracy (detached) before the step."""
@@ -145,7 +143,7 @@ class Adversarial(Distiller):
         p: AdversarialParams = self.params
         # the previous student step left gradients in D (the engine clears only the student's)
         self.discriminator.zero_grad(set_to_none=True)
-        teacher_logits = self._teacher_cache.get(images, self._teacher_logits)
+        teacher_logits = self._teacher_cache.get(images, lambda x: self.teacher_logits(x, step))
         with torch.no_grad(), buffers_kept(self.student):
             student_logits = self.student(images)
         if not bool(self.warmed_up):
@@ -165,7 +163,7 @@ class Adversarial(Distiller):
         self.record("adv_loss", adv.detach())
         losses = {"loss_ce": p.alpha * cross_entropy(logits, labels), "loss_adv": p.beta * adv}
         if p.kd_weight > 0:
-            teacher_logits = self._teacher_cache.pop(images, self._teacher_logits)
+            teacher_logits = self._teacher_cache.pop(images, lambda x: self.teacher_logits(x, step))
             losses["loss_kd"] = p.kd_weight * kd_loss(logits, teacher_logits, p.temperature)
         self._teacher_cache.clear()
         return logits, losses

@@ -11,6 +11,9 @@ discriminators with their own optimizers, `backward` for gradient rules
 such as SVD's multi-task clipping, `record` for per-epoch diagnostics.
 Training-only modules (regressors, adapters, critics) are any submodule
 other than `student`; they never count in the deployed student's cost.
+A method that reads the teacher only through `teacher_logits` says so
+(`teacher_logits_only`), and the engine may then hand it logits computed
+once per training image (`teacher_logits.py`) instead of running the teacher.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class StepInfo:
     steps_per_epoch: int
     indices: torch.Tensor | None = None  # the batch's positions in the training split (`wants_indices`)
     strong_images: torch.Tensor | None = None  # the batch under the strong policy (`strong_view`)
+    teacher_logits: torch.Tensor | None = None  # the batch's cached teacher logits (`teacher_logits_only`)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class Distiller(nn.Module):
     wants_indices: ClassVar[bool] = False
     # a second view of each batch under this policy, in `StepInfo.strong_images` (e.g. `Strong()`)
     strong_view: ClassVar[Policy | None] = None
+    # the teacher is read only through `teacher_logits`, so the engine may hand it logits computed once
+    teacher_logits_only: ClassVar[bool] = False
 
     def __init__(self, student: StagedModel, teacher: StagedModel | None, params: MethodParams, pair: PairInfo):
         super().__init__()
@@ -92,6 +98,12 @@ class Distiller(nn.Module):
     def teacher_forward(self, images: torch.Tensor) -> StageOutput:
         with torch.no_grad():
             return self.teacher.forward_stages(images)
+
+    def teacher_logits(self, images: torch.Tensor, step: StepInfo | None) -> torch.Tensor:
+        """The teacher's logits for `images`: those the engine cached for this batch, else computed now."""
+        if step is not None and step.teacher_logits is not None:
+            return step.teacher_logits
+        return self.teacher_forward(images).logits
 
     # -- hooks for methods that change the loop --------------------------------
     def aux_optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -97,6 +97,7 @@ class CTKDParams(MethodParams):
 class CTKD(Distiller):
     name = "ctkd"
     Params = CTKDParams
+    teacher_logits_only = True
     reference = ("Li et al., Curriculum Temperature for Knowledge Distillation, AAAI 2023; zhengli97/CTKD "
                  "models/temp_global.py + helper/loops.py @ 7d52522 (global T = 1 + 20·σ(θ), cosine λ 0→1 over 10 of 240 "
                  "epochs); KL ×T²")
@@ -113,7 +114,7 @@ class CTKD(Distiller):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo | None):
         p: CTKDParams = self.params
         logits = self.student(images)
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         lam = curriculum_lambda(p.lambda_max, p.curriculum, step)
         t = self.temperature(lam)
         self.record("temperature", t.detach())

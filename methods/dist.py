@@ -76,6 +76,7 @@ class DISTParams(MethodParams):
 class DIST(Distiller):
     name = "dist"
     Params = DISTParams
+    teacher_logits_only = True
     reference = ("Huang et al., Knowledge Distillation from A Stronger Teacher, NeurIPS 2022; hunto/image_classification_sota "
                  "lib/models/losses/dist_kd.py @ d9662f7 (dist_cifar.yaml: tau 4, kd weight 2); ×τ², ε added to ‖a‖‖b‖")
     space = {
@@ -88,7 +89,7 @@ class DIST(Distiller):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo | None):
         p: DISTParams = self.params
         logits = self.student(images)
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         z_s, z_t = (standardize(logits), standardize(teacher_logits)) if p.logit_std else (logits, teacher_logits)
         inter, intra = dist_terms(z_s, z_t, p.tau)
         self.record("inter", inter.detach())

@@ -91,6 +91,7 @@ class DKDParams(MethodParams):
 class DKD(Distiller):
     name = "dkd"
     Params = DKDParams
+    teacher_logits_only = True
     reference = ("Zhao et al., Decoupled Knowledge Distillation, CVPR 2022; megvii-research/mdistiller "
                  "mdistiller/distillers/DKD.py @ a08d46f; TCKD and NCKD ×T², NCKD by −1000 on the target logit, "
                  "warm-up over 20/240 of the epochs")
@@ -104,7 +105,7 @@ class DKD(Distiller):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo | None):
         p: DKDParams = self.params
         logits = self.student(images)
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         z_s, z_t = (standardize(logits), standardize(teacher_logits)) if p.logit_std else (logits, teacher_logits)
         tckd, nckd = dkd_terms(z_s, z_t, labels, p.temperature)
         f = warmup_factor(p.warmup, step)

@@ -2,7 +2,10 @@
 
 Per epoch it reports the mean of every loss term, the method's diagnostics,
 train and validation accuracy, and writes a checkpoint that a resumed run
-continues from (same batches, same random state). A non-finite loss ends the
+continues from (same batches, same random state). A method that reads only
+the teacher's logits, trained without augmentation, gets them from a cache
+computed once per training image (`teacher_logits.py`), bit for bit what
+the teacher would have given. A non-finite loss ends the
 run with status `diverged` and the term that went bad; so does val_acc at chance for
 `recipe.chance_patience` epochs in a row (a run that learns nothing). Precision and
 memory format come from an `Execution` (default: bf16 autocast with channels_last on
@@ -16,7 +19,9 @@ import math
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,10 +31,12 @@ from torch import nn
 
 from kdarena.zoo.data import BatchLoader, Dataset, Split
 from kdarena.zoo.errors import UserError
+from kdarena.zoo.models import StagedModel
 
 from .base import Distiller, StepInfo
 from .execution import Execution
 from .recipe import Recipe
+from .teacher_logits import LogitPath, TeacherLogits, cacheable
 
 
 @dataclass
@@ -130,29 +137,55 @@ def train_step(distiller: Distiller, optimizer: torch.optim.Optimizer, images: t
     return logits, losses
 
 
+def logit_path(recipe: Recipe, execution: Execution) -> LogitPath:
+    """How the engine runs a teacher for `recipe` under `execution`: what, beside weights and inputs, decides its
+    bits."""
+    device = execution.device
+    cuda = device.type == "cuda"
+    return LogitPath(device=f"cuda {torch.cuda.get_device_name(device)}" if cuda
+                     else f"cpu {torch.backends.cpu.get_cpu_capability()}",
+                     bf16=execution.bf16, channels_last=execution.channels_last, batch_size=recipe.batch_size,
+                     threads=0 if cuda else recipe.num_threads or torch.get_num_threads(), torch=torch.__version__)
+
+
+def compute_teacher_logits(teacher: StagedModel, data: Dataset, recipe: Recipe, execution: Execution) -> TeacherLogits:
+    """`teacher`'s logits on every training image, each computed as a training step of `recipe` would compute it."""
+    path = logit_path(recipe, execution)
+    _freeze(teacher, execution)
+    logits = None
+    with _threads(path.threads), torch.no_grad(), execution.autocast():
+        for batch in eval_loader(data.train, data, execution.device, recipe.batch_size, execution).windows():
+            out = teacher.forward_stages(batch.images).logits
+            if logits is None:
+                logits = out.new_empty((len(data.train), out.shape[1]))
+            logits[batch.indices] = out
+    return TeacherLogits(logits, path)
+
+
 def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.device | None = None,
         checkpoint_path: Path | None = None, evaluate_test: bool = True,
         on_epoch: Callable[[EpochResult], None] | None = None,
-        on_batch: Callable[[int, int], None] | None = None, execution: Execution | None = None) -> FitResult:
+        on_batch: Callable[[int, int], None] | None = None, execution: Execution | None = None,
+        teacher_logits: TeacherLogits | None = None) -> FitResult:
     """Train `distiller.student` (and its training-only modules) for `recipe.epochs`.
 
     With `checkpoint_path`, a checkpoint is written after every epoch and, if
     one is already there, training continues from it. `on_epoch` sees each
     epoch run now (not those restored); `on_batch(done, total)` each step.
     Test accuracy is measured once, after the last epoch of a completed run.
+    Where the method and recipe allow a cache (`teacher_logits.cacheable`),
+    `teacher_logits` computed along this fit's path are used, else they are
+    computed now.
     """
     execution = execution or Execution.default(device or pick_device())
     device = execution.device
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     distiller.to(device)
-    if distiller.teacher is not None:
-        distiller.teacher.to(device).eval()
-        distiller.teacher.requires_grad_(False)
+    if distiller.teacher is not None:  # not a submodule: moved on its own
+        _freeze(distiller.teacher, execution)
     if execution.channels_last:
         distiller.to(memory_format=torch.channels_last)
-        if distiller.teacher is not None:  # not a submodule: moved on its own
-            distiller.teacher.to(memory_format=torch.channels_last)
 
     train_loader = training_loader(distiller, data, recipe, device, execution)
     val_loader = eval_loader(data.val, data, device, execution=execution)
@@ -165,6 +198,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
     if checkpoint_path is not None and checkpoint_path.exists():
         start_epoch, history = _restore(checkpoint_path, distiller, optimizer, scheduler)
 
+    cache = _teacher_cache(distiller, data, recipe, execution, teacher_logits, train_loader, start_epoch)
     chance = chance_accuracy(data.val.labels)
     judged_from = distiller.classifier_free_epochs(recipe.epochs)  # a hint/FSP stage is at chance by design
     at_chance = _epochs_at_chance(history, chance, judged_from)
@@ -178,7 +212,8 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         for i, batch in enumerate(train_loader.batches()):
             images, labels = batch.images, batch.labels
             step = StepInfo(epoch, recipe.epochs, epoch * steps_per_epoch + i, steps_per_epoch,
-                            indices=batch.indices if distiller.wants_indices else None, strong_images=batch.strong)
+                            indices=batch.indices if distiller.wants_indices else None, strong_images=batch.strong,
+                            teacher_logits=cache.rows(batch.indices) if cache is not None else None)
             logits, losses = train_step(distiller, optimizer, images, labels, step, execution)
             scheduler.step()
             for name, value in losses.items():
@@ -230,6 +265,52 @@ def _epochs_at_chance(history: list[EpochResult], chance: float, judged_from: in
             break
         count += 1
     return count
+
+
+def _teacher_cache(distiller: Distiller, data: Dataset, recipe: Recipe, execution: Execution,
+                   given: TeacherLogits | None, loader: BatchLoader, epoch: int) -> TeacherLogits | None:
+    """The cached teacher logits this fit hands its method: `given` where computed along this fit's path, else
+    computed now; None where the method or recipe rules a cache out, where no epoch is left from `epoch` on, or where
+    the teacher, run on the first training batch of `epoch`, gives other bits than the cache (kernels whose result
+    depends on the other images in a batch)."""
+    if epoch >= recipe.epochs or distiller.teacher is None or not cacheable(type(distiller), recipe, data):
+        return None
+    path = logit_path(recipe, execution)
+    if given is not None and given.path == path and given.logits.shape == (len(data.train), data.num_classes):
+        cache = TeacherLogits(given.logits.to(execution.device), path)
+    else:
+        cache = compute_teacher_logits(distiller.teacher, data, recipe, execution)
+    loader.set_epoch(epoch)
+    batch = next(loader.batches())
+    with execution.autocast():
+        live = distiller.teacher_forward(batch.images).logits
+    cached = cache.rows(batch.indices)
+    if not torch.equal(live, cached):
+        warnings.warn(f"cached teacher logits not used: on a training batch they differ from the teacher's own by up "
+                      f"to {float((live.float() - cached.float()).abs().max()):.3g}; the teacher runs every step",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return cache
+
+
+def _freeze(teacher: StagedModel, execution: Execution) -> None:
+    """The teacher in eval mode without gradients, on the execution's device and in its memory format (set either
+    way: a teacher an earlier execution left in channels_last would give other bits)."""
+    teacher.to(execution.device).eval().requires_grad_(False)
+    teacher.to(memory_format=torch.channels_last if execution.channels_last else torch.contiguous_format)
+
+
+@contextmanager
+def _threads(count: int):
+    """torch's CPU threads at `count` (unchanged at 0), restored after: the driver of a sweep computes with a
+    trial's threads."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _save(path: Path, epochs_done: int, history: list[EpochResult], distiller: Distiller,

@@ -66,6 +66,7 @@ class KDParams(MethodParams):
 class KD(Distiller):
     name = "kd"
     Params = KDParams
+    teacher_logits_only = True
     reference = ("Hinton et al., NIPS 2014 workshop (arXiv 2015); RepDistiller distiller_zoo/KD.py @ b84f547: "
                  "τ²·KL summed over classes / B, (1−α)·CE + α·KD with RepDistiller's -r 0.1 -a 0.9 T=4; "
                  "logit_std: sunshangquan/logit-standardization-KD mdistiller/distillers/KD.py @ f6e5aa5, τ² kept")
@@ -75,7 +76,7 @@ class KD(Distiller):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo):
         p: KDParams = self.params
         logits = self.student(images)
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         return logits, {
             "loss_ce": (1.0 - p.alpha) * cross_entropy(logits, labels),
             "loss_kd": p.alpha * kd_loss(logits, teacher_logits, p.temperature, p.logit_std),

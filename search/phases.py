@@ -38,7 +38,7 @@ class Phase:
     sweep: SweepConfig
     paths: SweepPaths
     session: DriverSession
-    trainable: Any  # `run_trial` with its resources and the data and teacher it shares
+    trainable: Any  # `run_trial` with its resources and the data, teacher and teacher logits it shares
     tracking_uri: str
     experiment_id: str
     concurrency: int

@@ -4,8 +4,9 @@ Order of work: take the sweep folder's lock (one driver per sweep) →
 validate everything that can be validated (config, data and its identity,
 every method against every student, storage, tracking server, Ray cluster
 and its resources) → open the MLflow parent run → train or load the
-teacher once → put the dataset and the teacher's weights in Ray's object
-store once → the search (`phases.search`) → final multi-seed runs of each
+teacher once, and its logits on the training split where a method can take
+them from a cache → put the dataset, the teacher's weights and those logits
+in Ray's object store once → the search (`phases.search`) → final multi-seed runs of each
 method's best config (`phases.final_runs`) → the outcome. SIGTERM stops it
 the way Ctrl-C does; `resume` continues it.
 """
@@ -13,7 +14,9 @@ the way Ctrl-C does; `resume` continues it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -23,10 +26,13 @@ from ray import tune
 
 from kdarena.methods import get_method
 from kdarena.methods.engine import pick_device
+from kdarena.methods.execution import Execution
+from kdarena.methods.teacher_logits import TeacherLogits, cacheable
 from kdarena.training.identity import dataset_tags, identity
+from kdarena.training.logit_store import stored_teacher_logits
 from kdarena.training.record import Metric, Role, Tag
 from kdarena.training.student_card import input_facts
-from kdarena.training.teacher_store import check_writable
+from kdarena.training.teacher_store import StoredTeacher, check_writable
 from kdarena.training.tracking import (ensure_experiment, fail_fast_http, resolve_tracking_uri, source_commit,
                                        writes_allowed)
 from kdarena.training.train_job import Callbacks, build_distiller, load_config_dataset, resolve_teacher, teacher_cache_dir
@@ -153,6 +159,17 @@ def plan_warm_start(sweep: SweepConfig, uri: str, data: Dataset, ident: dict[str
     return points
 
 
+def trials_teacher_logits(sweep: SweepConfig, teacher: StoredTeacher, data: Dataset, cache_dir: Path,
+                          say: Callable[[str], None]) -> TeacherLogits | None:
+    """The teacher's logits as the sweep's trials compute them, from the store or computed once here; None when no
+    method of the sweep can take them from a cache."""
+    for method in sweep.methods:
+        cfg = trial_config(sweep, method, 0, {}, {})
+        if cacheable(get_method(method), cfg.train, data):
+            return stored_teacher_logits(teacher, cfg, data, Execution.default(pick_device()), cache_dir, say)
+    return None
+
+
 def check_pairs(sweep: SweepConfig, data: Dataset) -> None:
     """Every method against every student, with default parameters: fails now, not in trial 37."""
     for method in sweep.methods:
@@ -210,7 +227,7 @@ def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Datase
     seeds = options.final_seeds if options.final_seeds is not None else sweep.final.seeds
     with driver_session(records, uri, experiment_id, view) as session:
         try:
-            teacher_state = None
+            teacher_state = teacher_logits = None
             if any(get_method(m).needs_teacher for m in sweep.methods) or sweep.teacher.checkpoint:
                 teacher = resolve_teacher(sweep.teacher, sweep.dataset, data, cache_dir, sweep.experiment, uri,
                                           callbacks or Callbacks(), pick_device())
@@ -221,9 +238,10 @@ def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Datase
                 records.data["teacher"] = {"sha256": teacher.sha256, "key": teacher.key,
                                            Metric.VAL_ACC: teacher.val_acc, Metric.TEST_ACC: teacher.test_acc}
                 records.save()
+                teacher_logits = trials_teacher_logits(sweep, teacher, data, cache_dir, session.notify)
             trainable = tune.with_resources(
                 tune.with_parameters(run_trial, sweep_doc=sweep.model_dump(mode="json"), data=data,
-                                     teacher_state=teacher_state),
+                                     teacher_state=teacher_state, teacher_logits=teacher_logits),
                 {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
             phase = phases.Phase(sweep, paths, session, trainable, uri, experiment_id, concurrency, options.resume,
                                  CostBounds.of(sweep, Shape.of(data)))

@@ -17,6 +17,7 @@ import torch
 from ray import tune
 
 from kdarena.methods.engine import EpochResult, eval_loader, evaluate, fit, pick_device
+from kdarena.methods.teacher_logits import TeacherLogits
 
 from kdarena.training.build import build_distiller, make_model
 from kdarena.training.record import Metric, Status, cost_metrics, epoch_metrics
@@ -31,7 +32,7 @@ from .sweep_config import SweepConfig, trial_config
 
 
 def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Dataset,
-              teacher_state: dict[str, torch.Tensor] | None) -> None:
+              teacher_state: dict[str, torch.Tensor] | None, teacher_logits: TeacherLogits | None = None) -> None:
     sweep = SweepConfig.model_validate(sweep_doc)
     method, student_index, student_options, params, seed = split_trial_params(config)
     cfg = trial_config(sweep, method, student_index, student_options, params, seed=seed)
@@ -74,7 +75,7 @@ def run_trial(config: dict[str, Any], *, sweep_doc: dict[str, Any], data: Datase
     try:
         reported: list[int] = []
         result = fit(distiller, data, cfg.train, device=device, checkpoint_path=ckpt_path, evaluate_test=False,
-                     on_epoch=lambda e: (on_epoch(e), reported.append(e.epoch)))
+                     on_epoch=lambda e: (on_epoch(e), reported.append(e.epoch)), teacher_logits=teacher_logits)
         if result.status == Status.COMPLETED and not reported:
             # restored from a checkpoint of the last epoch whose report the driver never processed (it was stopped
             # in between): the trial's completion, test accuracy included, is reported now

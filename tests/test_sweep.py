@@ -82,6 +82,24 @@ def test_sweep_completes_every_trial_and_stops_some_early(small_sweep):
     assert "best full-budget trial per method" in result.stdout
 
 
+def test_the_driver_stores_the_teachers_logits_once_along_the_trials_path(small_sweep):
+    """kd on digits, no augmentation: the driver computed the teacher's logits once and stored them, along the path a
+    trial's fit computes them (so each trial takes the ones handed through Ray's object store)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from kdarena.methods.engine import logit_path
+    from kdarena.methods.execution import Execution
+    from kdarena.search.sweep_config import parse_sweep, trial_config
+
+    work, _ = small_sweep
+    (logits,) = (work / "cache" / "teachers" / "logits").glob("*.pt")
+    trial = trial_config(parse_sweep(SMALL, "small"), "kd", 0, {}, {})
+    assert json.loads(logits.with_suffix(".json").read_text())["path"] == asdict(
+        logit_path(trial.train, Execution.default(torch.device("cpu"))))
+
+
 def test_mlflow_has_parent_and_one_child_per_trial_with_prefixed_params(small_sweep):
     work, _ = small_sweep
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")

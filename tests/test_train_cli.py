@@ -112,8 +112,13 @@ def test_best_val_acc_is_the_best_epoch_not_the_last(migrated_store, tmp_path):
 
 def test_teacher_store_reuses_and_rejects_tampered_file(cache_env, tmp_path):
     first = json.loads(_train("--json", *FAST).stdout)
+    # kd without augmentation: the teacher's logits on the training split are stored beside it
+    (logits,) = (cache_env / "teachers" / "logits").glob("*.pt")
+    written = logits.stat().st_mtime_ns
     second = json.loads(_train("--json", *FAST, "--set", "method.params.alpha=0.5").stdout)
     assert first["teacher_trained_now"] and not second["teacher_trained_now"]
+    assert list((cache_env / "teachers" / "logits").glob("*.pt")) == [logits]
+    assert logits.stat().st_mtime_ns == written  # read back by the second run, not computed again
     assert first["teacher_sha256"] == second["teacher_sha256"]
     _, runs = _runs(tmp_path)
     assert sum(r.data.tags.get("kdarena.role") == "teacher" for r in runs) == 1

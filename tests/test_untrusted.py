@@ -172,6 +172,22 @@ def test_crafted_pickle_in_the_teacher_store_is_refused_even_with_a_matching_sid
     assert not marker.exists()
 
 
+def test_crafted_pickle_as_stored_teacher_logits_is_never_run_and_is_computed_again(migrated_store, tmp_path):
+    """A teacher's stored logits are derived data: a crafted file, even with a matching sidecar, is never unpickled;
+    the run says so, computes them again and goes on."""
+    assert _cli("train", *FAST).exit_code == 0
+    (logits,) = (migrated_store / "teachers" / "logits").glob("*.pt")
+    marker = tmp_path / "marker"
+    crafted_checkpoint(logits, marker, "torch-zip")
+    meta = logits.with_suffix(".json")
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"sha256": hashlib.sha256(logits.read_bytes()).hexdigest()}))
+    result = _cli("train", *FAST)
+    assert result.exit_code == 0, result.output
+    assert not marker.exists()
+    assert f"stored teacher logits {logits}: it is not a tensors-only file; computing them again" in result.stderr
+    assert torch.load(logits, weights_only=True)["logits"].shape == (1295, 10)  # replaced by real ones
+
+
 def test_crafted_pickle_as_imagenet_weights_option_is_refused(cache_env, tmp_path):
     marker = tmp_path / "marker"
     path = crafted_checkpoint(tmp_path / "resnet.pt", marker, "torch-zip")

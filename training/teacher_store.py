@@ -114,8 +114,8 @@ def _read_meta(path: Path) -> dict:
 
 
 @contextmanager
-def _locked(path: Path):
-    """One process trains a given teacher; others wait and then load it.
+def locked(path: Path):
+    """One process makes a given stored file (a teacher, its logits); others wait and then load it.
 
     A cache this process cannot write to (a shared read-only copy) needs no
     lock: nothing will be written to it.
@@ -185,7 +185,7 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, c
     meta_path = cache_dir / f"{key}.json"
     if not (meta_path.exists() and weights.exists()):
         check_writable(cache_dir)  # the teacher will be trained and stored here: find out now, not after training
-    with _locked(cache_dir / f"{key}.lock"):
+    with locked(cache_dir / f"{key}.lock"):
         if meta_path.exists() and weights.exists():
             meta = _read_meta(meta_path)
             load_weights(model, weights, meta["sha256"], f"stored teacher {key}")
@@ -195,15 +195,26 @@ def get_teacher(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset, c
         result = train(model)
         if result.status != Status.COMPLETED:
             raise UserError(f"the teacher diverged while training ({result.reason}); lower teacher.recipe.lr")
-        tmp = weights.with_name(weights.name + ".partial")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, weights)
-        sha = file_sha256(weights)
-        meta = {"key": key, "sha256": sha, "arch": teacher.arch, "options": teacher.options,
-                "dataset": dataset.model_dump() | {"label": data.label, "fingerprint": data.fingerprint},
-                "recipe": teacher.recipe.model_dump(mode="json") | {"augment": teacher.recipe.augment_for(data).model_dump()},
-                Metric.VAL_ACC: result.val_acc, Metric.TEST_ACC: result.test_acc}
-        tmp_meta = meta_path.with_name(meta_path.name + ".partial")
-        tmp_meta.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_meta, meta_path)  # the sidecar last: without it the weights are not "stored"
+        sha = write_stored(weights, model.state_dict(), {
+            "key": key, "arch": teacher.arch, "options": teacher.options,
+            "dataset": dataset.model_dump() | {"label": data.label, "fingerprint": data.fingerprint},
+            "recipe": teacher.recipe.model_dump(mode="json") | {"augment": teacher.recipe.augment_for(data).model_dump()},
+            Metric.VAL_ACC: result.val_acc, Metric.TEST_ACC: result.test_acc})
         return StoredTeacher(model, key, sha, weights, result.val_acc, result.test_acc, trained_now=True)
+
+
+def write_stored(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """`tensors` saved to `path` atomically, then the sidecar beside it (`meta` and the file's sha256); return the sha256.
+
+    The sidecar last: without it the file is not "stored", and a kill in between leaves nothing trusted.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+    sha = file_sha256(path)
+    sidecar = path.with_suffix(".json")
+    tmp_meta = sidecar.with_name(sidecar.name + ".partial")
+    tmp_meta.write_text(json.dumps(meta | {"sha256": sha}, indent=2))
+    os.replace(tmp_meta, sidecar)
+    return sha

@@ -8,6 +8,7 @@ KILLED if anything goes wrong after.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ import torch
 from kdarena.methods import Distiller, get_method
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import EpochResult, FitResult, eval_loader, evaluate, fit, pick_device
+from kdarena.methods.execution import Execution
 from kdarena.methods.recipe import Recipe
+from kdarena.methods.teacher_logits import TeacherLogits, cacheable
 from kdarena.zoo.cost import profile_cost
 from kdarena.zoo.data import Dataset, load_dataset
 from kdarena.zoo.errors import UserError
@@ -29,6 +32,7 @@ from kdarena.zoo.models import StagedModel
 from .build import build_distiller, make_model, pair_info
 from .config import DatasetConfig, TeacherConfig, TrainConfig, config_yaml, export_config
 from .identity import dataset_tags, identity, mlflow_dataset, student_tags
+from .logit_store import stored_teacher_logits
 from .record import Artifact, Metric, Role, Status, Tag, cost_metrics, epoch_metrics
 from .student_card import input_facts, student_card, write_card
 from .teacher_store import StoredTeacher, default_cache_dir, get_teacher
@@ -42,6 +46,7 @@ class Callbacks:
     start: Callable[[str, int, int], None] = lambda label, epochs, steps: None
     batch: Callable[[int, int], None] = lambda done, total: None
     epoch: Callable[[str, EpochResult], None] = lambda label, result: None
+    notice: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
 
 
 def teacher_cache_dir(configured: str | None) -> Path:
@@ -120,12 +125,17 @@ def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None =
             teacher = resolve_teacher(cfg.teacher, cfg.dataset, data, teacher_cache_dir(cfg.cache_dir), cfg.experiment,
                                       tracking_uri, callbacks, device)
         distiller = build_distiller(cfg, data, teacher.model if teacher else None)
+        teacher_logits = None
+        if teacher is not None and cacheable(method, cfg.train, data):
+            teacher_logits = stored_teacher_logits(teacher, cfg, data, Execution.default(device),
+                                                   teacher_cache_dir(cfg.cache_dir), callbacks.notice)
 
         run_name = f"{cfg.method.name}-{cfg.student.arch}-{data.label}"
         experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={Role.TAG: Role.TRAIN}) as run:
             try:  # any other exception ends the run FAILED in start_run's own exit
-                summary = _train_and_record(cfg, data, distiller, teacher, device, callbacks, source_config)
+                summary = _train_and_record(cfg, data, distiller, teacher, teacher_logits, device, callbacks,
+                                            source_config)
             except KeyboardInterrupt:
                 mlflow.end_run(status="KILLED")
                 raise
@@ -133,7 +143,8 @@ def run_train(cfg: TrainConfig, tracking_uri: str, callbacks: Callbacks | None =
 
 
 def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, teacher: StoredTeacher | None,
-                      device: torch.device, callbacks: Callbacks, source_config: dict[str, Any] | None) -> dict[str, Any]:
+                      teacher_logits: TeacherLogits | None, device: torch.device, callbacks: Callbacks,
+                      source_config: dict[str, Any] | None) -> dict[str, Any]:
     resolved = cfg.model_dump(mode="json")
     resolved["method"]["params"] = distiller.params.model_dump(mode="json")
     mlflow.log_params(cfg.run_params(resolved=True))
@@ -154,7 +165,7 @@ def _train_and_record(cfg: TrainConfig, data: Dataset, distiller: Distiller, tea
     label = f"{cfg.method.name} → {cfg.student.arch}"
     callbacks.start(label, cfg.train.epochs, 0)
     result = fit(distiller, data, cfg.train, device=device, on_batch=callbacks.batch,
-                 on_epoch=lambda e: (_log_epoch(e), callbacks.epoch(label, e)))
+                 on_epoch=lambda e: (_log_epoch(e), callbacks.epoch(label, e)), teacher_logits=teacher_logits)
     cost = profile_cost(distiller.student, in_channels=data.in_channels, input_size=data.input_size)
     final = {**cost_metrics(cost), Metric.EXTRA_PARAMS: distiller.extra_params(),
              Metric.EPOCHS_COMPLETED: len(result.history)}

@@ -395,9 +395,25 @@ class BatchLoader:
             order = torch.arange(n, device=self.device)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            raw = self.images[idx].to(torch.float32).div_(255.0)
+            raw = self._raw(idx)
             strong = self._finish(self.strong.apply(raw, strong_gen)) if self.strong is not None else None
             yield Batch(self._finish(self.augment.apply(raw, gen)), self.labels[idx], idx, strong)
+
+    def windows(self) -> Iterator[Batch]:
+        """The split in order, unaugmented, in batches of exactly `batch_size` (the last overlapping the one before).
+
+        Every image is seen in a batch of the training size: what a per-image
+        cache of a network's outputs is computed over, since a kernel's result
+        may depend on the batch's size.
+        """
+        n = len(self.labels)
+        size = min(self.batch_size, n)
+        for start in range(0, n, size):
+            idx = torch.arange(min(start, n - size), min(start, n - size) + size, device=self.device)
+            yield Batch(self._finish(self._raw(idx)), self.labels[idx], idx)
+
+    def _raw(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.images[idx].to(torch.float32).div_(255.0)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
