@@ -37,10 +37,16 @@ from helpers import unboxed
 # -- helpers ----------------------------------------------------------------------------------------------------
 
 
-def brute_front(acc: list[float], cost: list[float]) -> set[int]:
+def brute_front(acc: list[float], cost: list[float], noise: list[float] | None = None) -> set[int]:
+    """The front by definition: nothing as accurate and no costlier beats it, costs closer than the larger noise tied."""
     ok = [i for i in range(len(acc)) if not (math.isnan(acc[i]) or math.isnan(cost[i]))]
-    return {i for i in ok if not any(acc[j] >= acc[i] and cost[j] <= cost[i] and (acc[j] > acc[i] or cost[j] < cost[i])
-                                     for j in ok)}
+    tie = [0.0 if noise is None or math.isnan(noise[i]) else noise[i] for i in range(len(acc))]
+
+    def beats(j: int, i: int) -> bool:
+        t = max(tie[i], tie[j])
+        return acc[j] >= acc[i] and cost[j] <= cost[i] + t and (acc[j] > acc[i] or cost[j] < cost[i] - t)
+
+    return {i for i in ok if not any(beats(j, i) for j in ok)}
 
 
 def client_runs(uri: str) -> list:
@@ -297,7 +303,8 @@ def test_pareto_marks_match_brute_force_on_random_boards(by):
     board = lb_board.leaderboard(fake_runs(rows), by=by)
     cost = lb_board.cost_column(by)
     for _, group in board.groupby(["dataset", "teacher"]):
-        front = brute_front(group["test_acc_mean"].tolist(), group[cost].tolist())
+        noise = group["latency_noise_ms"].tolist() if by == "latency" else None
+        front = brute_front(group["test_acc_mean"].tolist(), group[cost].tolist(), noise)
         assert {i for i, on in enumerate(group["pareto"]) if on} == front
     for _, group in board.groupby("dataset"):  # ranked best first within the dataset, by val_acc (no ties here)
         assert group["rank"].tolist() == list(range(1, len(group) + 1))
@@ -397,8 +404,9 @@ def test_leaderboard_filters_and_front_on_the_real_store(store):
     for by in ("macs", "params", "latency"):
         b = lb_board.leaderboard(runs, by=by)
         cost = lb_board.cost_column(by)
+        noise = b["latency_noise_ms"].tolist() if by == "latency" else None  # latencies within noise tie
         assert {i for i, on in enumerate(b["pareto"]) if on} == brute_front(b["test_acc_mean"].tolist(),
-                                                                             b[cost].tolist())
+                                                                             b[cost].tolist(), noise)
     assert board["method"].nunique() > 1  # the fixture finishes baseline and kd
     method = board["method"].iloc[0]
     only = lb_board.leaderboard(runs, method=method)

@@ -297,7 +297,7 @@ def test_resume_after_the_driver_is_stopped_loses_nothing_and_duplicates_nothing
     """Ctrl-C, a resume, then kill -9 (no chance to save anything), a resume: one sweep through both stops."""
     env = os.environ | {"KDARENA_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
                         "OMP_NUM_THREADS": "1"}
-    per_method, epochs = 4, 5
+    per_method, epochs = 3, 5
     doc = SMALL | {"name": "resumable", "budget": {"trials_per_method": per_method, "epochs": epochs, "grace_period": epochs},
                    "final": {"seeds": 0}}
     sweep_file = _write(tmp_path / "resumable.yaml", doc)
