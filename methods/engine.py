@@ -8,7 +8,7 @@ computed once per training image (`teacher_logits.py`), bit for bit what
 the teacher would have given. A non-finite loss ends the
 run with status `diverged` and the term that went bad; so does val_acc at chance for
 `recipe.chance_patience` epochs in a row (a run that learns nothing). Precision and
-memory format come from an `Execution` (default: bf16 autocast with channels_last on
+memory format come from an `Execution` (default: channels_last; bf16 autocast on
 CUDA, float32 on CPU with `recipe.num_threads`, i.e. torch's own count by default:
 OMP_NUM_THREADS or all cores).
 """

@@ -85,8 +85,8 @@ def test_bf16_changes_the_arithmetic_not_the_result(digits):
     assert results["bf16"].test_acc == pytest.approx(results["float32"].test_acc, abs=0.1)
 
 
-def test_the_default_is_bf16_and_channels_last_on_cuda_only():
-    assert Execution.default(torch.device("cpu")) == Execution(torch.device("cpu"), bf16=False, channels_last=False)
+def test_the_default_is_channels_last_everywhere_and_bf16_on_cuda_only():
+    assert Execution.default(torch.device("cpu")) == Execution(torch.device("cpu"), bf16=False, channels_last=True)
     assert Execution.default(torch.device("cuda")) == Execution(torch.device("cuda"), bf16=True, channels_last=True)
 
 
