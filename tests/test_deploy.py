@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from kdarena.cli.app import app
 from kdarena.training.deploy import Normalised, raw_pixels
+from kdarena.training.record import Tag
 from kdarena.training.student_card import build_student, read_card
 from kdarena.zoo.data import load_dataset
 
@@ -269,3 +270,19 @@ def test_deploy_a_config_never_trained_exits_2_and_says_how(store, tmp_path):
     result = _cli("deploy", str(gone), "--format", "torchscript", "-o", str(tmp_path / "s.ts"))
     assert result.exit_code == 2 and f"comes from run {'0' * 32}, which is not in" in result.output
     assert not (tmp_path / "s.ts").exists()
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "s.onnx"), ("torchscript", "s.ts"), ("exported-program", "s.pt2")])
+def test_a_sweeps_best_student_deploys_in_every_format(swept_store, tmp_path, monkeypatch, fmt, name):
+    """The student a sweep names its best (the parent run's tag), as the quickstart leaves one, deployed and checked."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="the deploy extra: pip install 'kdarena[deploy]'")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", swept_store["tracking_uri"])
+    client = MlflowClient(swept_store["tracking_uri"])
+    parent = json.loads((swept_store["sweep_dir"] / "records.json").read_text())["parent_run_id"]
+    best = client.get_run(parent).data.tags[Tag.BEST_RUN_ID]
+    out = tmp_path / name
+    result = _cli("deploy", best, "--format", fmt, "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["run_id"] == best and out.is_file() and 0 <= report["max_abs_diff"] <= 1e-4
