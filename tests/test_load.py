@@ -1,8 +1,9 @@
-"""Load: a sweep of 200 short trials at concurrency 2, its records, MLflow, leaderboard and dashboard.
+"""Load: a sweep of 150 short trials at concurrency 2, its records, MLflow, leaderboard and dashboard.
 
 Prints the driver's peak memory and the per-trial scheduling overhead
 (wall time per trial beyond the trial's own training), the figures the
-README reports; run with `-s` to see them.
+README reports; run with `-s` to see them (`KDARENA_LOAD_TRIALS=200`, the
+README's figures, for another count: the suite keeps 150 for its time budget).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 
 import kdarena.dashboard
 
-TRIALS = 200
+TRIALS = int(os.environ.get("KDARENA_LOAD_TRIALS", "150"))
 LOAD = {
     "name": "load",
     "dataset": {"name": "digits"},
@@ -45,7 +46,7 @@ def _peak_rss_mib(pid: int) -> float | None:
 
 
 @pytest.mark.slow
-def test_two_hundred_trials_land_as_exactly_two_hundred_runs(tmp_path, monkeypatch):
+def test_many_trials_land_as_exactly_as_many_runs(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = os.environ | {"KDARENA_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     (tmp_path / "load.yaml").write_text(yaml.safe_dump(LOAD))
