@@ -41,9 +41,12 @@ at most: both are provided.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickletools
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,3 +154,56 @@ def _drop_pending_decisions(experiment_dir: Path, trial_ids: set[str]) -> None:
         partial = path.with_name(path.name + ".partial")
         partial.write_text(json.dumps(state))
         os.replace(partial, path)
+
+
+# Tune's state files a restore reads, each named after the driver session that wrote it
+TUNE_STATE_GLOBS = (STATE_GLOB, "searcher-state-*.pkl", "search_gen_state-*.json")
+
+
+def heal_state_files(experiment_dir: Path, ray_temp_dir: Path | None = None) -> list[str]:
+    """Tune's state files cut short on storage, each replaced by the complete copy in the killed driver's staging
+    folder; one line per file healed.
+
+    Tune writes its state into a staging folder under Ray's temp dir (whole files, renamed into place) and copies
+    it to storage file by file: a driver killed during that copy left an empty or truncated searcher state, Tune
+    could not restore ("Ran out of input") and every `--resume` stopped at once. The staging copy outlives the
+    driver on its machine. A damaged file with no complete copy is a UserError naming it.
+    """
+    from kdarena.zoo.errors import UserError
+
+    temp = ray_temp_dir or Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    said = []
+    for pattern in TUNE_STATE_GLOBS:
+        for path in sorted(experiment_dir.glob(pattern)):
+            if _whole(path):
+                continue
+            copies = [c for c in temp.glob(f"session_*/artifacts/*/{experiment_dir.name}/driver_artifacts/{path.name}")
+                      if _whole(c)]
+            if not copies:
+                raise UserError(f"Ray Tune's saved state {path} is cut short (its driver was killed while it was being "
+                                f"written) and no complete copy is left under {temp}; this sweep cannot be continued: "
+                                "run it again under another name")
+            partial = path.with_name(path.name + ".partial")
+            shutil.copyfile(max(copies, key=lambda c: c.stat().st_mtime), partial)
+            os.replace(partial, path)
+            said.append(f"{path.name} was cut short on storage by the killed driver; restored from Ray's staging copy")
+    return said
+
+
+def _whole(path: Path) -> bool:
+    """JSON that parses, or a pickle whose opcodes run to its STOP (read, never executed); Tune's
+    `search_gen_state-*.json` is a pickle despite its name."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        pass
+    try:
+        ops = list(pickletools.genops(io.BytesIO(data)))
+    except ValueError:  # the bytes end before the pickle does
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"

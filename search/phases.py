@@ -19,7 +19,7 @@ from ray.tune.logger import JsonLoggerCallback
 
 from kdarena.training.record import Metric, Status
 
-from .checkpoints import repair
+from .checkpoints import heal_state_files, repair
 from .constraints import CostBounds
 from .mirror import TRACKING_ERRORS
 from .per_method import MethodStudy, PerMethodASHA, PerMethodSearch
@@ -66,7 +66,7 @@ class Phase:
             return False
         recorded = {trial_id_of(key): epochs_done(r) for key, r in self.session.records.trials.items()
                     if r["phase"] == phase}
-        for line in repair(folder, recorded):
+        for line in heal_state_files(folder) + repair(folder, recorded):
             self.session.notify(line)
         tune.Tuner.restore(str(folder), self.trainable, resume_unfinished=True, resume_errored=True).fit()
         drop_lost_trials(self.session, phase)
@@ -164,6 +164,20 @@ def drop_lost_trials(session: DriverSession, phase: str) -> None:
             if record.get("run_id"):
                 records.data.setdefault("runs_to_delete", []).append(record["run_id"])
     records.save()
+
+
+def clear_stale_study_lock(paths: SweepPaths) -> bool:
+    """Remove the lock a killed driver left on the sweep's Optuna journal; True if there was one.
+
+    Only under the driver lock (`driver_lock`): no other driver of this sweep can be writing, so the lock is
+    stale, and Optuna would wait its 30-s grace period on it at every resume. The name is Optuna's
+    `JournalFileSymlinkLock`'s: the journal's path and `.lock`.
+    """
+    lock = paths.studies.with_name(paths.studies.name + ".lock")
+    if not lock.is_symlink() and not lock.exists():
+        return False
+    lock.unlink()
+    return True
 
 
 def study_storage(paths: SweepPaths) -> optuna.storages.JournalStorage:

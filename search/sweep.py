@@ -100,6 +100,7 @@ def run_sweep(sweep: SweepConfig, raw: Any, options: SweepOptions = SweepOptions
     # writable and not full before the lock file is written into it: one clear message, not an OSError
     check_writable(paths.root, "storage", "pass --storage DIR or set storage: in the sweep file")
     with driver_lock(paths.root, say=lambda text: print(text, file=sys.stderr, flush=True)):
+        phases.clear_stale_study_lock(paths)
         data, ident = _check(sweep, paths, uri, options)
         cache_dir = teacher_cache_dir(sweep.cache_dir)
         check_writable(cache_dir)

@@ -304,3 +304,50 @@ def test_repair_gives_each_unfinished_trial_the_checkpoints_its_state_may_restor
         "it starts again from scratch"]
     (tmp_path / "experiment_state-2026.json").write_text('{"trial_data": [')  # being written: nothing is touched
     assert repair(tmp_path, {}) == []
+
+
+def test_tune_state_cut_short_by_a_kill_is_restored_from_rays_staging_copy(tmp_path):
+    """kill -9 while Ray copied its state to storage left an empty searcher state; Tune could not restore."""
+    import pickle
+
+    from kdarena.search.checkpoints import heal_state_files
+    from kdarena.zoo.errors import UserError
+
+    experiment = tmp_path / "sweep" / "ray" / "search"
+    experiment.mkdir(parents=True)
+    whole = pickle.dumps({"searchers": {"kd": [1, 2, 3]}})
+    (experiment / "searcher-state-2026-11-30_00-04-20.pkl").write_bytes(b"")  # cut short by the kill
+    gen_state = pickle.dumps({"counter": 3})  # a pickle, despite Tune's name for it
+    (experiment / "search_gen_state-2026-11-30_00-04-20.json").write_bytes(gen_state[:5])  # cut mid-write
+    (experiment / "experiment_state-2026-11-30_00-04-20.json").write_text('{"trial_data": []}')  # whole
+    staging = tmp_path / "ray-tmp" / "session_2026_1" / "artifacts" / "2026-11-30_00-04-20" / "search" / "driver_artifacts"
+    staging.mkdir(parents=True)
+    (staging / "searcher-state-2026-11-30_00-04-20.pkl").write_bytes(whole)
+    (staging / "search_gen_state-2026-11-30_00-04-20.json").write_bytes(gen_state)
+    said = heal_state_files(experiment, tmp_path / "ray-tmp")
+    assert (experiment / "searcher-state-2026-11-30_00-04-20.pkl").read_bytes() == whole
+    assert (experiment / "search_gen_state-2026-11-30_00-04-20.json").read_bytes() == gen_state
+    assert len(said) == 2 and all("restored from Ray's staging copy" in line for line in said)
+    assert heal_state_files(experiment, tmp_path / "ray-tmp") == []  # whole files are left alone
+    # no complete copy left (another machine, a cleaned temp dir): one clear error, not a resume that stops at once
+    (experiment / "searcher-state-2026-11-30_00-04-20.pkl").write_bytes(whole[:-3])
+    shutil.rmtree(tmp_path / "ray-tmp")
+    with pytest.raises(UserError, match="searcher-state-2026-11-30_00-04-20.pkl is cut short"):
+        heal_state_files(experiment, tmp_path / "ray-tmp")
+
+
+def test_a_killed_drivers_optuna_lock_is_cleared_under_the_driver_lock(tmp_path):
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    from kdarena.search.phases import clear_stale_study_lock
+
+    paths = SweepPaths(tmp_path / "s")
+    paths.root.mkdir()
+    lock = JournalFileSymlinkLock(str(paths.studies))
+    JournalFileBackend(str(paths.studies), lock_obj=lock)
+    assert lock.acquire()  # held, as by a driver killed with -9 inside a journal write
+    assert clear_stale_study_lock(paths)
+    again = JournalFileSymlinkLock(str(paths.studies), grace_period=None)
+    assert again.acquire()  # free at once, no 30-s wait
+    again.release()
+    assert not clear_stale_study_lock(paths)  # nothing to clear
