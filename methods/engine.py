@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from kdarena.zoo.data import BatchLoader, Dataset, Split
+from kdarena.zoo.streaming import FileSplit, loader_for
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import StagedModel
 
@@ -107,20 +108,22 @@ def evaluate(model: nn.Module, loader: BatchLoader, execution: Execution | None 
     return correct / max(1, total)
 
 
-def eval_loader(split: Split, data: Dataset, device: torch.device, batch_size: int = 512,
-                execution: Execution | None = None) -> BatchLoader:
+def eval_loader(split: Split | FileSplit, data: Dataset, device: torch.device, batch_size: int = 512,
+                execution: Execution | None = None, persistent: bool = False) -> BatchLoader:
+    """A split's batches in order, unaugmented (`persistent`: a streamed split's decoders stay up, for a split read
+    every epoch)."""
     execution = execution or Execution.default(device)
-    return BatchLoader(split, batch_size=batch_size, mean=data.mean, std=data.std, device=device,
-                       channels_last=execution.channels_last)
+    return loader_for(split, batch_size=batch_size, mean=data.mean, std=data.std, device=device,
+                      channels_last=execution.channels_last, persistent=persistent)
 
 
 def training_loader(distiller: Distiller, data: Dataset, recipe: Recipe, device: torch.device,
                     execution: Execution | None = None) -> BatchLoader:
     """The shuffled, augmented training batches: their order depends on the recipe's seed alone, never the method."""
     execution = execution or Execution.default(device)
-    return BatchLoader(data.train, batch_size=recipe.batch_size, mean=data.mean, std=data.std, device=device,
-                       shuffle=True, augment=recipe.augment_for(data), seed=recipe.seed,
-                       channels_last=execution.channels_last, strong=distiller.strong_view)
+    return loader_for(data.train, batch_size=recipe.batch_size, mean=data.mean, std=data.std, device=device,
+                      shuffle=True, augment=recipe.augment_for(data), seed=recipe.seed,
+                      channels_last=execution.channels_last, strong=distiller.strong_view, persistent=True)
 
 
 def train_step(distiller: Distiller, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -188,7 +191,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         distiller.to(memory_format=torch.channels_last)
 
     train_loader = training_loader(distiller, data, recipe, device, execution)
-    val_loader = eval_loader(data.val, data, device, execution=execution)
+    val_loader = eval_loader(data.val, data, device, execution=execution, persistent=True)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(distiller.student_optimizer_parameters(), recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, steps_per_epoch))

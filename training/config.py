@@ -9,6 +9,7 @@ teacher's weights: the file `kdarena train` re-runs exactly.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdarena.methods import METHODS, get_method
 from kdarena.methods.recipe import Recipe
-from kdarena.zoo.data import DATASETS
+from kdarena.zoo.data import DATASETS, TreeOptions
 from kdarena.zoo.errors import UserError
 from kdarena.zoo.models import model_problem, resolve
 from kdarena.zoo.models.formats import FORMATS
@@ -33,6 +34,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# the dataset options that say how an image tree is read (`zoo.data.TreeOptions`)
+TREE_OPTIONS = tuple(f.name for f in fields(TreeOptions))
+
+
 class DatasetConfig(Strict):
     name: str = "digits"
     root: str | None = Field(None, description="where the files are (or go); default ~/.cache/kdarena/data")
@@ -42,6 +47,15 @@ class DatasetConfig(Strict):
     label: str | None = Field(None, min_length=1, max_length=100,
                               description="the name shown for this data; default the folder's name for imagefolder, "
                                           "else the dataset's name")
+    in_memory: bool | Literal["auto"] = Field(
+        "auto", description="imagefolder: hold the decoded images in memory (true), stream them from disk (false), or "
+                            "stream when the decoded training split exceeds memory_budget_mb (auto)")
+    memory_budget_mb: float | None = Field(None, gt=0, description="imagefolder, in_memory: auto: the most the decoded "
+                                                                   "training split may take; default a quarter of RAM")
+    image_size: int | None = Field(None, ge=8, le=1024, description="imagefolder: the side images are read at, px; "
+                                                                     "default the first training image's shorter side")
+    workers: int | None = Field(None, ge=0, le=64, description="imagefolder, streamed: processes decoding images; "
+                                                                "default one per core, at most 8")
 
     @field_validator("name")
     @classmethod
@@ -49,6 +63,20 @@ class DatasetConfig(Strict):
         if v not in DATASETS:
             raise ValueError(f"unknown dataset {show(v)}; known datasets: {', '.join(DATASETS)}")
         return v
+
+    @model_validator(mode="after")
+    def _tree_options_on_a_tree(self) -> DatasetConfig:
+        # held in memory is what every other dataset is: `in_memory: true` (or auto) says nothing wrong
+        given = [k for k in TREE_OPTIONS if getattr(self, k) is not None and k != "in_memory"]
+        given += ["in_memory: false"] if self.in_memory is False else []
+        if self.name != "imagefolder" and given:
+            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to dataset imagefolder only ('{self.name}' is always held in "
+                             f"memory at its own size); remove {'it' if len(given) == 1 else 'them'}")
+        return self
+
+    def tree(self) -> TreeOptions:
+        """How an imagefolder is read."""
+        return TreeOptions(**{k: getattr(self, k) for k in TREE_OPTIONS})
 
 
 # what build_model is given from the dataset: never a model option

@@ -41,7 +41,7 @@ def logits_key(teacher: StoredTeacher, cfg: TrainConfig, data: Dataset, executio
         "teacher": {"sha256": teacher.sha256, "arch": cfg.teacher.arch, "options": cfg.teacher.options,
                     "format": cfg.teacher.format},
         "dataset": {"fingerprint": data.fingerprint, "val_fraction": cfg.dataset.val_fraction,
-                    "split_seed": cfg.dataset.split_seed, "mean": data.mean, "std": data.std},
+                    "split_seed": cfg.dataset.split_seed, "mean": data.mean, "std": data.std, **data.reading},
         "path": asdict(logit_path(cfg.train, execution)),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]

@@ -50,7 +50,7 @@ def teacher_key(teacher: TeacherConfig, dataset: DatasetConfig, data: Dataset) -
         "arch": teacher.arch,
         "options": teacher.options,
         "dataset": {"fingerprint": data.fingerprint, "val_fraction": dataset.val_fraction,
-                    "split_seed": dataset.split_seed},
+                    "split_seed": dataset.split_seed, **data.reading},
         "recipe": teacher.recipe.model_dump(mode="json", exclude={"num_threads"})
         | {"augment": teacher.recipe.augment_for(data).model_dump(mode="json")},
     }

@@ -101,7 +101,7 @@ def resolve_teacher(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, data
 
 def load_config_dataset(ds: DatasetConfig) -> Dataset:
     return load_dataset(ds.name, root=ds.root, val_fraction=ds.val_fraction, split_seed=ds.split_seed,
-                        download=ds.download, label=ds.label)
+                        download=ds.download, label=ds.label, tree=ds.tree())
 
 
 def _log_epoch(e: EpochResult) -> None:

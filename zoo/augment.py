@@ -13,6 +13,11 @@ very same images.
   per image; mirror left-right with probability ½ when `flip`.
 - `translate`: shift each image by up to ±`shift` px in each direction
   (zero fill); never mirrors, so glyphs keep their handedness.
+- `random_resized_crop`: a random box of `scale` of the image's area and
+  `ratio` width:height, resized to the image's side; mirrored with
+  probability ½ when `flip`. The default for images of `LARGE_IMAGE_SIZE` px
+  and more (ImageNet-style); a streamed dataset draws the box from the image
+  file at its own size, before it is resized (`zoo/streaming.py`).
 - `strong`: `crop_flip`, then `ops` operations per image drawn uniformly from
   a RandAugment-style set (identity, auto-contrast, equalise, rotate,
   solarise, colour, posterise, contrast, brightness, sharpness, shear x/y,
@@ -23,15 +28,17 @@ very same images.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
 from torch.nn import functional as F
 
 
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_sample: ClassVar[bool] = False  # False: a batched tensor op on images of one size
 
     def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """`x` (B×C×H×W floats in [0, 1]) augmented; randomness only from `gen`."""
@@ -81,17 +88,81 @@ class Strong(Policy):
         return x
 
 
+# the side, px, from which an image tree's default policy is `random_resized_crop` rather than `crop_flip`
+LARGE_IMAGE_SIZE = 96
+
+
+class RandomResizedCrop(Policy):
+    policy: Literal["random_resized_crop"] = "random_resized_crop"
+    scale: tuple[float, float] = Field((0.08, 1.0), description="the box's share of the image's area: lowest, highest")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="the box's width:height: lowest, highest")
+    flip: bool = Field(True, description="mirror left-right with probability 1/2")
+
+    per_sample: ClassVar[bool] = True  # a streamed dataset applies it to each decoded file, at the file's own size
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RandomResizedCrop:
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"random_resized_crop needs 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
+                             f"got scale {list(self.scale)}, ratio {list(self.ratio)}")
+        return self
+
+    def box(self, height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+        """(top, left, box height, box width) of one image: up to ten draws of area and aspect that fit, else the
+        largest centred box within the ratio range."""
+        area = height * width
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            u = torch.rand(2, generator=gen, dtype=torch.float64).tolist()
+            target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_lo + u[1] * (log_hi - log_lo))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+                return top, left, h, w
+        aspect = width / height
+        if aspect < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif aspect > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def crop(self, image: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+        """One image (C×H×W, uint8 or float) cropped, resized to size×size and perhaps mirrored; randomness from
+        `gen` alone."""
+        from torchvision.transforms.v2 import functional as TF
+
+        top, left, h, w = self.box(image.shape[-2], image.shape[-1], gen)
+        out = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        if self.flip and bool(torch.rand((), generator=gen) < 0.5):
+            out = out.flip(-1)
+        return out
+
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return torch.stack([self.crop(image, x.shape[-1], gen) for image in x])
+
+
+def default_policy(image_size: int) -> CropFlip | RandomResizedCrop:
+    """An image tree's policy when the recipe names none: ImageNet's for large images, CIFAR's for small ones."""
+    if image_size >= LARGE_IMAGE_SIZE:
+        return RandomResizedCrop()
+    return CropFlip(padding=max(1, image_size // 8), flip=True)
+
+
 def _named(value: Any) -> Any:
     """`augment: translate` is short for `augment: {policy: translate}`."""
     return {"policy": value} if isinstance(value, str) else value
 
 
 # a recipe's `augment:` field: a policy by name, or a mapping with its options
-AugmentPolicy = Annotated[Annotated[Union[NoAugment, CropFlip, Translate, Strong], Field(discriminator="policy")],
+AugmentPolicy = Annotated[Annotated[Union[NoAugment, CropFlip, Translate, Strong, RandomResizedCrop], Field(discriminator="policy")],
                           BeforeValidator(_named)]
 
 
-def parse_policy(value: Any) -> NoAugment | CropFlip | Translate | Strong:
+def parse_policy(value: Any) -> Policy:
     """A policy from its name or mapping (what a recipe's `augment:` holds)."""
     return TypeAdapter(AugmentPolicy).validate_python(value)
 

@@ -1,35 +1,44 @@
-"""Datasets by name, held in memory as uint8 tensors, batched on the training device.
+"""Datasets by name, held in memory as uint8 tensors or streamed from disk, batched on the training device.
 
-Every dataset becomes train / val / test `Split`s of uint8 images (N×C×H×W)
+Every dataset becomes train / val / test splits of uint8 images (N×C×H×W)
 and int64 labels. The validation split is carved from train with a fixed
 seed; the test split is never used for selection. `BatchLoader` moves a
 split to the device once and does normalisation and augmentation (the
 policies of `augment.py`) as batched tensor ops, so no per-sample Python
-runs in the training loop.
+runs in the training loop. An image tree (`imagefolder`) whose decoded
+training split would pass a memory budget is streamed instead
+(`streaming.py`: the same batches, decoded from the files by worker
+processes); `TreeOptions` say which, and at what size.
 
 A dataset is identified by its content, not its name: `fingerprint` is the
-sha256 of its images, labels and class names (train and test), so two image
-folders with the same layout are two datasets, and a file added, removed or
-replaced gives a new one. `label` is the name people read (the folder's name
-for `imagefolder`, the dataset's name otherwise, or `dataset.label`).
+sha256 of its images, labels and class names (train and test; for an image
+tree, of its files' bytes: `image_tree.py`), so two image folders with the
+same layout are two datasets, and a file added, removed or replaced gives a
+new one. `label` is the name people read (the folder's name for
+`imagefolder`, the dataset's name otherwise, or `dataset.label`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import tarfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .augment import CropFlip, NoAugment, Policy
+from .augment import CropFlip, NoAugment, Policy, default_policy
 from .errors import UserError
+from .image_tree import TreeOptions, memory_budget_bytes
+
+if TYPE_CHECKING:
+    from .streaming import FileSplit
 
 
 @dataclass
@@ -40,13 +49,20 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        return Split(self.images[idx], self.labels[idx])
+
 
 @dataclass
 class Dataset:
     name: str
-    train: Split
-    val: Split
-    test: Split
+    train: Split | FileSplit  # a FileSplit: streamed from disk (`streaming.py`)
+    val: Split | FileSplit
+    test: Split | FileSplit
     num_classes: int
     augment: Policy = field(default_factory=NoAugment)  # the dataset's default policy
     # per-channel statistics of the training split, in [0, 1] pixel units
@@ -58,11 +74,22 @@ class Dataset:
 
     @property
     def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.image_shape[0])
 
     @property
     def input_size(self) -> int:
-        return int(self.train.images.shape[2])
+        return int(self.train.image_shape[1])
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.train, Split)
+
+    @property
+    def reading(self) -> dict[str, int | bool]:
+        """How an image tree's files become the images trained on (nothing for other datasets): what a trained
+        teacher or its outputs depend on beside the files (a per-sample crop is drawn from the file streamed, from
+        the image at `image_size` held in memory)."""
+        return {"image_size": self.input_size, "streamed": self.streamed} if self.name == "imagefolder" else {}
 
 
 def default_root() -> Path:
@@ -79,6 +106,7 @@ class _Loaded:
     augment: Policy
     label: str
     fingerprint: str | None = None  # None: computed from the tensors
+    sampled_stats: bool = False  # mean and std over a seeded sample of the training split (`sampled_stats`)
 
 
 def content_fingerprint(train: Split, test: Split, classes: list[str]) -> str:
@@ -187,11 +215,14 @@ def _torchvision(name: str, root: Path, download: bool) -> _Loaded:
     return _Loaded(splits[0], splits[1], classes, augment, name)
 
 
-def _imagefolder(root: Path, download: bool) -> _Loaded:
-    """Any `train/<class>/*` + `test/<class>/*` tree, or a .tar/.tar.gz of one."""
+def _imagefolder(root: Path, options: TreeOptions) -> _Loaded:
+    """Any `train/<class>/*` + `test/<class>/*` tree, or a .tar/.tar.gz of one: held in memory or streamed."""
+    from .image_tree import decode, decode_all, extract, index_tree
+    from .streaming import FileSplit
+
     label = root.resolve().name.split(".")[0] if root.is_file() else root.resolve().name
     if root.is_file() and tarfile.is_tarfile(root):
-        root = _extract(root)
+        root = extract(root, default_root())
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
         raise UserError(
@@ -201,106 +232,19 @@ def _imagefolder(root: Path, download: bool) -> _Loaded:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"dataset 'imagefolder': no class folders in {root / 'train'}")
-    train, train_sha = _decode_tree(root / "train", classes)
-    test, test_sha = _decode_tree(root / "test", classes)
-    if train.images.shape[1:] != test.images.shape[1:]:
-        raise UserError(f"dataset 'imagefolder': train images are {tuple(train.images.shape[1:])} but test images are {tuple(test.images.shape[1:])}")
-    fingerprint = hashlib.sha256("\n".join(["imagefolder", *classes, train_sha, test_sha]).encode()).hexdigest()
-    return _Loaded(train, test, classes, CropFlip(padding=max(1, train.images.shape[2] // 8), flip=True), label,
-                   fingerprint)
-
-
-def _extract(archive: Path) -> Path:
-    """The archive unpacked under the data root; a member that would land outside it is refused, nothing is kept."""
-    digest = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_size}:{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    target = default_root() / "extracted" / f"{archive.name.split('.')[0]}-{digest}"
-    if not (target / ".complete").exists():
-        tmp = target.with_name(target.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter=_inside_only)
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, tarfile.FilterError):
-                raise UserError(f"dataset 'imagefolder': {archive} is refused: member {exc.tarinfo.name!r} "
-                                f"{_FILTER_REASONS.get(type(exc), 'is not a plain file or folder')}; an image tree "
-                                "archive holds only train/ and test/ with plain files") from None
-            raise UserError(f"dataset 'imagefolder': {archive} cannot be unpacked ({type(exc).__name__}: {exc}); "
-                            "pass an intact .tar/.tar.gz or the extracted folder") from None
-        (tmp / ".complete").touch()
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    return target
-
-
-_FILTER_REASONS = {
-    tarfile.AbsolutePathError: "has an absolute path",
-    tarfile.OutsideDestinationError: "would be written outside the extraction folder ('..' in its path)",
-    tarfile.AbsoluteLinkError: "is a link to an absolute path",
-    tarfile.LinkOutsideDestinationError: "is a link that points outside the extraction folder",
-    tarfile.SpecialFileError: "is a device or other special file",
-}
-
-
-def _inside_only(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "data" filter, stricter: an absolute name is refused instead of being made relative."""
-    if member.name.startswith(("/", "\\")) or (member.islnk() and member.linkname.startswith(("/", "\\"))):
-        raise tarfile.AbsolutePathError(member)
-    return tarfile.data_filter(member, dest)
-
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-
-
-def _decode_tree(folder: Path, classes: list[str]) -> tuple[Split, str]:
-    """The images under `folder/<class>/`, decoded, and the sha256 of what they decode to.
-
-    Decoding is cached beside the images, keyed by every file's name, size
-    and modification time, so an unchanged tree is read back in one load and
-    any file added, removed or rewritten (even at the same size) decodes
-    again. The content hash is of the decoded pixels and labels: the same
-    images elsewhere, or copied with new times, are the same data.
-    """
-    from torchvision.io import ImageReadMode, decode_image
-
-    cache = folder / ".kdarena-decoded.pt"
-    files = [(c, p) for c, name in enumerate(classes) for p in sorted((folder / name).iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
-    if not files:
-        raise UserError(f"dataset 'imagefolder': no .jpg/.png images under {folder}")
-    stats = [(c, p.name, p.stat()) for c, p in files]
-    key = hashlib.sha256("\n".join(f"{c}:{n}:{st.st_size}:{st.st_mtime_ns}" for c, n, st in stats).encode()).hexdigest()
-    if cache.exists():
-        try:  # tensors only: a cache file swapped for a crafted pickle is refused here and decoded again below
-            saved = torch.load(cache, weights_only=True)
-        except Exception:  # noqa: BLE001 - any unreadable cache is just stale
-            saved = None
-        if (isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("sha256"), str)
-                and _is_split(saved.get("images"), saved.get("labels"), len(files))):
-            return Split(saved["images"], saved["labels"]), saved["sha256"]
-    first = decode_image(str(files[0][1]), mode=ImageReadMode.RGB)
-    images = torch.empty((len(files), *first.shape), dtype=torch.uint8)
-    for i, (_, path) in enumerate(files):
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
-        if img.shape != first.shape:
-            raise UserError(f"dataset 'imagefolder': {path} is {tuple(img.shape)}, expected {tuple(first.shape)} like the others; resize the tree to one size")
-        images[i] = img
-    labels = torch.tensor([c for c, _ in files], dtype=torch.int64)
-    split = Split(images, labels)
-    sha = content_fingerprint(split, Split(images[:0], labels[:0]), [])
-    try:
-        tmp = cache.with_suffix(".partial")
-        torch.save({"key": key, "images": images, "labels": labels, "sha256": sha}, tmp)
-        tmp.replace(cache)
-    except OSError:
-        pass  # a read-only tree decodes again next time; nothing is lost
-    return split, sha
-
-
-def _is_split(images, labels, n: int) -> bool:
-    return (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and images.dtype == torch.uint8
-            and labels.dtype == torch.int64 and images.dim() == 4 and images.shape[0] == labels.shape[0] == n)
+    train, test = index_tree(root / "train", classes), index_tree(root / "test", classes)
+    size = options.image_size or min(decode(train.files[0]).shape[-2:])
+    fingerprint = hashlib.sha256("\n".join(["imagefolder", *classes, train.sha256, test.sha256]).encode()).hexdigest()
+    decoded_bytes = len(train.files) * 3 * size * size
+    stream = (not options.in_memory if isinstance(options.in_memory, bool)
+              else decoded_bytes > memory_budget_bytes(options.memory_budget_mb))
+    if stream:
+        workers = options.workers if options.workers is not None else min(8, os.cpu_count() or 1)
+        splits = [FileSplit(index.files, index.labels, size, workers) for index in (train, test)]
+    else:
+        splits = [Split(decode_all(index, size), index.labels) for index in (train, test)]
+    # every image's identity is in the fingerprint; the size it is read at, in the name of the data
+    return _Loaded(splits[0], splits[1], classes, default_policy(size), label, fingerprint, sampled_stats=True)
 
 
 _LOADERS = {
@@ -310,34 +254,69 @@ _LOADERS = {
     "cifar10": lambda root, dl: _torchvision("cifar10", root, dl),
     "cifar100": lambda root, dl: _torchvision("cifar100", root, dl),
     "svhn": lambda root, dl: _torchvision("svhn", root, dl),
-    "imagefolder": _imagefolder,
 }
-DATASETS: tuple[str, ...] = tuple(_LOADERS)
+DATASETS: tuple[str, ...] = (*_LOADERS, "imagefolder")
 
 
 def load_dataset(name: str, *, root: str | Path | None = None, val_fraction: float = 0.1,
-                 split_seed: int = 0, download: bool = True, label: str | None = None) -> Dataset:
-    """Load a dataset by name with a seeded validation split carved from train, identified by its content."""
-    if name not in _LOADERS:
+                 split_seed: int = 0, download: bool = True, label: str | None = None,
+                 tree: TreeOptions | None = None) -> Dataset:
+    """Load a dataset by name with a seeded validation split carved from train, identified by its content.
+
+    `tree`: how an `imagefolder` is read (held in memory or streamed, the image size); other datasets are held in
+    memory."""
+    if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"dataset.val_fraction must be in (0, 1), got {val_fraction}")
+    tree = tree or TreeOptions()
     if name == "imagefolder" and root is None:
         raise UserError("dataset 'imagefolder' needs dataset.root: a folder with train/ and test/ (or a .tar.gz of one)")
+    if name != "imagefolder" and (tree.in_memory is False or tree.image_size is not None):
+        raise UserError(f"dataset '{name}' is always held in memory at its own size: dataset.in_memory: false and "
+                        "dataset.image_size apply to an imagefolder; remove them")
     root_path = Path(root).expanduser() if root is not None else default_root()
-    loaded = _LOADERS[name](root_path, download)
+    loaded = _imagefolder(root_path, tree) if name == "imagefolder" else _LOADERS[name](root_path, download)
     full_train, test = loaded.train, loaded.test
     fingerprint = loaded.fingerprint or content_fingerprint(full_train, test, loaded.classes)
     order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(split_seed))
     n_val = max(1, math.floor(len(full_train) * val_fraction))
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
-    train = Split(full_train.images[train_idx], full_train.labels[train_idx])
-    val = Split(full_train.images[val_idx], full_train.labels[val_idx])
-    pixels = train.images.to(torch.float64) / 255.0
-    mean = pixels.mean(dim=(0, 2, 3))
-    std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return Dataset(name, train, val, test, len(loaded.classes), loaded.augment, tuple(mean.tolist()),
-                   tuple(std.tolist()), fingerprint, label or loaded.label, tuple(loaded.classes))
+    train, val = full_train.subset(train_idx), full_train.subset(val_idx)
+    mean, std = sampled_stats(train, split_seed) if loaded.sampled_stats else channel_stats(train.images)
+    return Dataset(name, train, val, test, len(loaded.classes), loaded.augment, mean, std, fingerprint,
+                   label or loaded.label, tuple(loaded.classes))
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] pixel units."""
+    pixels = images.to(torch.float64) / 255.0
+    return tuple(pixels.mean(dim=(0, 2, 3)).tolist()), tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+
+
+# images an image tree's statistics are measured on: enough for 3-4 significant digits, and one decode pass of a
+# streamed tree's sample costs seconds, not the epoch a full pass of ImageNet would
+STATS_SAMPLE = 10_000
+
+
+def sampled_stats(split: Split | FileSplit, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation over a seeded sample of `STATS_SAMPLE` images (all, if fewer), the
+    same numbers whether the split is held in memory or streamed."""
+    from .streaming import loader_for
+
+    pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE].sort().values
+    channels = split.image_shape[0]
+    zero, one = (0.0,) * channels, (1.0,) * channels
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for images, _ in loader_for(split.subset(pick), batch_size=256, mean=zero, std=one):
+        pixels = images.to(torch.float64)
+        total += pixels.sum(dim=(0, 2, 3))
+        squares += pixels.square().sum(dim=(0, 2, 3))
+    count = len(pick) * split.image_shape[1] * split.image_shape[2]
+    mean = total / count
+    var = ((squares - count * mean.square()) / max(1, count - 1)).clamp_min(0)
+    return tuple(mean.tolist()), tuple(var.sqrt().clamp_min(1e-3).tolist())
 
 
 @dataclass
@@ -387,17 +366,25 @@ class BatchLoader:
 
     def batches(self) -> Iterator[Batch]:
         n = len(self.labels)
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
-        strong_gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch + 2**40)
+        gen = torch.Generator(device=self.device).manual_seed(self.epoch_seed)
+        strong_gen = torch.Generator(device=self.device).manual_seed(self.epoch_seed + 2**40)
         if self.shuffle:
             order = torch.randperm(n, generator=gen, device=self.device)
         else:
             order = torch.arange(n, device=self.device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            raw = self._raw(idx)
-            strong = self._finish(self.strong.apply(raw, strong_gen)) if self.strong is not None else None
-            yield Batch(self._finish(self.augment.apply(raw, gen)), self.labels[idx], idx, strong)
+        chunks = [order[start:start + self.batch_size] for start in range(0, n, self.batch_size)]
+        for idx, raw, plain in self._fetch(chunks, augment=True):
+            strong = self._finish(self.strong.apply(plain, strong_gen)) if self.strong is not None else None
+            main = raw if self.augments_in_fetch else self.augment.apply(raw, gen)
+            yield Batch(self._finish(main), self.labels[idx], idx, strong)
+
+    @property
+    def epoch_seed(self) -> int:
+        """What every random draw of the current epoch derives from."""
+        return self.seed * 100_003 + self.epoch
+
+    # whether `_fetch` has applied the policy already (a streamed split applies a per-sample policy as it decodes)
+    augments_in_fetch = False
 
     def windows(self) -> Iterator[Batch]:
         """The split in order, unaugmented, in batches of exactly `batch_size` (the last overlapping the one before).
@@ -408,12 +395,17 @@ class BatchLoader:
         """
         n = len(self.labels)
         size = min(self.batch_size, n)
-        for start in range(0, n, size):
-            idx = torch.arange(min(start, n - size), min(start, n - size) + size, device=self.device)
-            yield Batch(self._finish(self._raw(idx)), self.labels[idx], idx)
+        chunks = [torch.arange(min(start, n - size), min(start, n - size) + size, device=self.device)
+                  for start in range(0, n, size)]
+        for idx, raw, _ in self._fetch(chunks, augment=False):
+            yield Batch(self._finish(raw), self.labels[idx], idx)
 
-    def _raw(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.images[idx].to(torch.float32).div_(255.0)
+    def _fetch(self, chunks: list[torch.Tensor], augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each chunk of indices with its images as floats in [0, 1], twice: as the policy leaves them when
+        `augments_in_fetch` (and `augment`), and as they are."""
+        for idx in chunks:
+            raw = self.images[idx].to(torch.float32).div_(255.0)
+            yield idx, raw, raw
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std

@@ -1,0 +1,180 @@
+"""An image tree (`<split>/<class>/*.jpg|png`) on disk: its files, their identity, and one image decoded at one size.
+
+A tree is identified by what its files hold: `index_tree` hashes every
+file's bytes (in class, then name order) once and keeps the result beside
+the images, keyed by each file's name, size and modification time, so an
+unchanged tree is indexed from that record and any file added, removed or
+rewritten (even at the same size) is hashed again. The same files copied
+elsewhere, or with new times, are the same data; a held-in-memory and a
+streamed load of one tree are the same dataset.
+
+`decode` gives an image at `size`×`size` the one way both loads use: an
+image of that size as it is, any other resized (shorter side to `size`,
+antialiased) and centre-cropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+INDEX_FILE = ".kdarena-index.pt"
+
+
+@dataclass(frozen=True)
+class TreeIndex:
+    """One split's files in label order, their labels, and the sha256 of their bytes and labels."""
+
+    files: tuple[str, ...]  # absolute paths
+    labels: torch.Tensor  # int64
+    sha256: str
+    stat_key: str  # names, sizes and modification times: what a cache of this split is valid for
+
+
+def index_tree(folder: Path, classes: list[str]) -> TreeIndex:
+    """The images under `folder/<class>/`, with the content hash read back from its record when no file changed."""
+    found = [(c, p) for c, name in enumerate(classes) for p in sorted((folder / name).iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise UserError(f"dataset 'imagefolder': no .jpg/.png images under {folder}")
+    stats = [(c, p.name, p.stat()) for c, p in found]
+    stat_key = hashlib.sha256("\n".join(f"{c}:{n}:{st.st_size}:{st.st_mtime_ns}" for c, n, st in stats).encode()).hexdigest()
+    files = tuple(str(p.resolve()) for _, p in found)
+    labels = torch.tensor([c for c, _ in found], dtype=torch.int64)
+    record = folder / INDEX_FILE
+    saved = _read(record)
+    if isinstance(saved, dict) and saved.get("stat_key") == stat_key and isinstance(saved.get("sha256"), str):
+        return TreeIndex(files, labels, saved["sha256"], stat_key)
+    digest = hashlib.sha256()
+    for (c, path) in found:
+        digest.update(f"{c}:".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    sha = digest.hexdigest()
+    _write(record, {"stat_key": stat_key, "sha256": sha})
+    return TreeIndex(files, labels, sha, stat_key)
+
+
+def decode(path: str, size: int | None = None) -> torch.Tensor:
+    """One file as uint8 RGB (3×H×W), fitted to `size`×`size` when a size is given."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise UserError(f"dataset 'imagefolder': {path} cannot be decoded ({str(exc).splitlines()[0][:200]}); "
+                        "remove or replace it") from None
+    return image if size is None else fit(image, size)
+
+
+def fit(image: torch.Tensor, size: int) -> torch.Tensor:
+    """`image` (C×H×W) at `size`×`size`: as it is at that size, else shorter side resized to `size`, centre-cropped."""
+    if image.shape[-2:] == (size, size):
+        return image
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(TF.resize(image, [size], antialias=True), [size, size])
+
+
+def decode_all(index: TreeIndex, size: int) -> torch.Tensor:
+    """Every image of a split decoded at `size`, cached beside them by the split's file stats and the size."""
+    folder = Path(index.files[0]).parent.parent
+    cache = folder / ".kdarena-decoded.pt"
+    key = f"{index.stat_key}:{size}"
+    saved = _read(cache)
+    if isinstance(saved, dict) and saved.get("key") == key:
+        images = saved.get("images")
+        if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                and tuple(images.shape) == (len(index.files), 3, size, size)):
+            return images
+    images = torch.empty((len(index.files), 3, size, size), dtype=torch.uint8)
+    for i, path in enumerate(index.files):
+        images[i] = decode(path, size)
+    _write(cache, {"key": key, "images": images})
+    return images
+
+
+def _read(path: Path):
+    if not path.exists():
+        return None
+    try:  # tensors only: a record swapped for a crafted pickle is refused here and rebuilt
+        return torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable record is just stale
+        return None
+
+
+def _write(path: Path, content: dict) -> None:
+    try:
+        tmp = path.with_name(path.name + ".partial")
+        torch.save(content, tmp)
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only tree is indexed or decoded again next time; nothing is lost
+
+
+@dataclass(frozen=True)
+class TreeOptions:
+    """How an image tree is read: held in memory or streamed, and at what size (`load_dataset`)."""
+
+    in_memory: bool | Literal["auto"] = "auto"
+    memory_budget_mb: float | None = None  # None: a quarter of this machine's memory
+    image_size: int | None = None  # None: the first training image's shorter side
+    workers: int | None = None  # decoding processes of a streamed split; None: one per core, at most 8
+
+
+def memory_budget_bytes(budget_mb: float | None) -> int:
+    """The most a decoded training split may take in memory before `in_memory: auto` streams it."""
+    if budget_mb is not None:
+        return int(budget_mb * 2**20)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def extract(archive: Path, under: Path) -> Path:
+    """The archive unpacked in a folder of `under`; a member that would land outside it is refused, nothing is kept."""
+    digest = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_size}:{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    target = under / "extracted" / f"{archive.name.split('.')[0]}-{digest}"
+    if not (target / ".complete").exists():
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter=_inside_only)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, tarfile.FilterError):
+                raise UserError(f"dataset 'imagefolder': {archive} is refused: member {exc.tarinfo.name!r} "
+                                f"{_FILTER_REASONS.get(type(exc), 'is not a plain file or folder')}; an image tree "
+                                "archive holds only train/ and test/ with plain files") from None
+            raise UserError(f"dataset 'imagefolder': {archive} cannot be unpacked ({type(exc).__name__}: {exc}); "
+                            "pass an intact .tar/.tar.gz or the extracted folder") from None
+        (tmp / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+_FILTER_REASONS = {
+    tarfile.AbsolutePathError: "has an absolute path",
+    tarfile.OutsideDestinationError: "would be written outside the extraction folder ('..' in its path)",
+    tarfile.AbsoluteLinkError: "is a link to an absolute path",
+    tarfile.LinkOutsideDestinationError: "is a link that points outside the extraction folder",
+    tarfile.SpecialFileError: "is a device or other special file",
+}
+
+
+def _inside_only(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter, stricter: an absolute name is refused instead of being made relative."""
+    if member.name.startswith(("/", "\\")) or (member.islnk() and member.linkname.startswith(("/", "\\"))):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)

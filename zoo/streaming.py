@@ -1,0 +1,142 @@
+"""Image trees too large to hold in memory, decoded batch by batch from disk in DataLoader worker processes.
+
+A `FileSplit` is a split's file paths and labels; `StreamLoader` gives its
+batches exactly as `BatchLoader` gives an in-memory split's: the epoch's
+order comes from the same generator, and a batched policy (`crop_flip`, …)
+runs on the training device with that generator, so a tree of one image
+size streams to the very batches its in-memory load gives. A per-sample
+policy (`random_resized_crop`) runs in the workers on each decoded file at
+its own size, drawing from a generator seeded by (seed, epoch, image), so
+the batches of epoch `e` depend only on (seed, e) whatever the number of
+workers, and a resumed run sees the same images. Workers only decode and
+crop; normalisation stays on the device.
+
+Every worker reads the files itself: on a cluster, the tree must be at the
+same path on every node.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from .augment import NoAugment, Policy
+from .data import BatchLoader
+from .image_tree import decode, fit
+
+
+@dataclass(frozen=True)
+class FileSplit:
+    """A split read from disk: its files, their labels, the side its images are fitted to, and the decoders."""
+
+    files: tuple[str, ...]
+    labels: torch.Tensor  # int64
+    image_size: int
+    workers: int  # DataLoader worker processes decoding its files (0: in the training process)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def subset(self, idx: torch.Tensor) -> FileSplit:
+        return replace(self, files=tuple(self.files[i] for i in idx.tolist()), labels=self.labels[idx])
+
+
+def sample_seed(epoch_seed: int, index: int) -> int:
+    """The seed of image `index`'s per-sample draws in the epoch whose draws derive from `epoch_seed`."""
+    return (epoch_seed * 6_364_136_223_846_793_005 + index * 1_442_695_040_888_963_407) % 2**63
+
+
+class _Files(torch.utils.data.Dataset):
+    """Items are (image index, per-sample seed or None): the image fitted, and cropped by the policy when seeded."""
+
+    def __init__(self, split: FileSplit, policy: Policy | None, want_plain: bool):
+        self.split, self.policy, self.want_plain = split, policy, want_plain
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, item: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item
+        image = decode(self.split.files[index])
+        size = self.split.image_size
+        plain = fit(image, size) if seed is None or self.want_plain else None
+        if seed is None:
+            return plain, plain
+        augmented = self.policy.crop(image, size, torch.Generator().manual_seed(seed))
+        return augmented, plain if plain is not None else augmented
+
+
+def _collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([a for a, _ in items])
+    same = all(a is p for a, p in items)  # no second view asked for: one tensor, sent once
+    return images, images if same else torch.stack([p for _, p in items])
+
+
+class _Plan(torch.utils.data.Sampler):
+    """The batches the DataLoader fetches next: set before each pass, read in the main process."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int | None]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class StreamLoader(BatchLoader):
+    """`BatchLoader`'s batches of a `FileSplit`, decoded ahead by `split.workers` processes."""
+
+    def __init__(self, split: FileSplit, *, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device | str = "cpu", shuffle: bool = False, augment: Policy | None = None,
+                 seed: int = 0, channels_last: bool = False, strong: Policy | None = None, persistent: bool = False):
+        self.device = torch.device(device)
+        self.split = split
+        self.labels = split.labels.to(self.device)
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.augment, self.strong, self.channels_last = augment or NoAugment(), strong, channels_last
+        self.augments_in_fetch = self.augment.per_sample
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.persistent = persistent and split.workers > 0
+        self._plan = _Plan()
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def _fetch(self, chunks: list[torch.Tensor], augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        seeded = augment and self.augments_in_fetch
+        self._plan.batches = [[(i, sample_seed(self.epoch_seed, i) if seeded else None) for i in idx.tolist()]
+                              for idx in chunks]
+        for idx, (images, plain) in zip(chunks, self._dataloader()):
+            yield idx, self._floats(images), self._floats(plain)
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        if self._loader is None or not self.persistent:
+            workers = self.split.workers
+            self._loader = torch.utils.data.DataLoader(
+                _Files(self.split, self.augment if self.augments_in_fetch else None, self.strong is not None),
+                batch_sampler=self._plan, num_workers=workers, collate_fn=_collate,
+                persistent_workers=self.persistent, pin_memory=self.device.type == "cuda",
+                prefetch_factor=4 if workers else None)
+        return self._loader
+
+    def _floats(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).to(torch.float32).div_(255.0)
+
+
+def loader_for(split, *, persistent: bool = False, **options) -> BatchLoader:
+    """The loader of any split: a `StreamLoader` for a `FileSplit` (`persistent`: its decoding workers live as long as
+    the loader, for a split read every epoch), else a `BatchLoader`."""
+    if isinstance(split, FileSplit):
+        return StreamLoader(split, persistent=persistent, **options)
+    return BatchLoader(split, **options)
