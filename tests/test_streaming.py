@@ -3,6 +3,7 @@ memory budget that decides, and the mistakes a user can make with the options.""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from kdarena.zoo.augment import RandomResizedCrop, Strong
 from kdarena.zoo.data import Split, TreeOptions, load_dataset
 from kdarena.zoo.streaming import FileSplit
 
-from helpers import assert_resumed_exactly, cli_train, cli_train_summary, uninterrupted_and_resumed
+from helpers import assert_resumed_exactly, cli_train, uninterrupted_and_resumed
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -138,9 +139,12 @@ def test_a_streamed_fit_with_per_sample_crops_resumes_exactly(mixed_tree, tmp_pa
 
 
 def test_kdarena_train_streams_a_tree_and_reads_cached_teacher_logits(mixed_tree, migrated_store):
-    summary = cli_train_summary("dataset.name=imagefolder", f"dataset.root={mixed_tree}", "dataset.in_memory=false",
+    result = cli_train("dataset.name=imagefolder", f"dataset.root={mixed_tree}", "dataset.in_memory=false",
                                 "dataset.image_size=32", "dataset.workers=1", "teacher.recipe.epochs=1",
-                                "train.epochs=2", "train.augment=none", "train.batch_size=16")
+                                "train.epochs=2", "train.augment=none", "train.batch_size=16", json_summary=True)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert f"{mixed_tree.name}: 33 training images at 32 px, streamed from disk by 1 decoding worker (" in result.stderr
     assert summary["status"] == "completed" and summary["dataset_label"] == mixed_tree.name
     assert summary["test_acc"] is not None
     # kd without augmentation took its teacher's logits from the store, computed over the streamed split once

@@ -100,8 +100,17 @@ def resolve_teacher(teacher_cfg: TeacherConfig, dataset_cfg: DatasetConfig, data
 
 
 def load_config_dataset(ds: DatasetConfig) -> Dataset:
-    return load_dataset(ds.name, root=ds.root, val_fraction=ds.val_fraction, split_seed=ds.split_seed,
+    """The config's dataset; a line on stderr says when an image tree is streamed rather than held in memory."""
+    data = load_dataset(ds.name, root=ds.root, val_fraction=ds.val_fraction, split_seed=ds.split_seed,
                         download=ds.download, label=ds.label, tree=ds.tree())
+    if data.streamed:
+        mib = len(data.train) * 3 * data.input_size ** 2 / 2**20
+        why = "dataset.in_memory: false" if ds.in_memory is False else "past dataset.memory_budget_mb"
+        workers = data.train.workers
+        by = f"{workers} decoding worker{'s' if workers != 1 else ''}" if workers else "the training process"
+        print(f"{data.label}: {len(data.train):,} training images at {data.input_size} px, streamed from disk by {by} "
+              f"({mib:,.0f} MiB decoded; {why})", file=sys.stderr, flush=True)
+    return data
 
 
 def _log_epoch(e: EpochResult) -> None:
