@@ -18,14 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-from kdarena.methods.base import PairInfo, StepInfo
+from kdarena.methods.base import PairInfo
 from kdarena.methods.baseline import Baseline
-from kdarena.methods.engine import build_optimizer, train_step
+from kdarena.methods.engine import build_optimizer
 from kdarena.methods.execution import Execution
 from kdarena.methods.kd import KD
 from kdarena.methods.recipe import Recipe
 from kdarena.zoo.cost import profile_cost
+from kdarena.zoo.data import Split
 from kdarena.zoo.models import build_model, stage_shapes
+
+from .engine_steps import Run, interleaved_times, step, steps
 
 BATCH = 128
 STUDENTS = [("cnn", {}, 32, 3), ("resnet20", {}, 32, 3), ("wrn_16_2", {}, 32, 3), ("mobilenetv2", {}, 32, 3),
@@ -62,24 +65,21 @@ def _pair(student, teacher, channels: int, size: int, classes: int = 10) -> Pair
                     size)
 
 
-def step_ms(distiller, channels: int, size: int, channels_last: bool, steps: int) -> float:
-    """Median ms of one training step of `distiller` (baseline or kd) on a random batch."""
-    execution = Execution(torch.device("cpu"), bf16=False, channels_last=channels_last)
+def step_ms(distiller, channels: int, size: int, channels_last: bool, count: int) -> float:
+    """Median ms of one engine training step of `distiller` (baseline or kd) on batches of random images."""
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
         if distiller.teacher is not None:
             distiller.teacher.to(memory_format=torch.channels_last)
-    images = torch.randn(BATCH, channels, size, size)
-    if channels_last and channels > 1:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (BATCH,))
+    split = Split(torch.randint(0, 256, (4 * BATCH, channels, size, size), dtype=torch.uint8),
+                  torch.randint(0, 10, (4 * BATCH,)))
     optimizer = build_optimizer(distiller.student_optimizer_parameters(), Recipe(epochs=2))
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        start = time.perf_counter()
-        train_step(distiller, optimizer, images, labels, StepInfo(0, 2, i, 10), execution)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[2:])
+    batches = steps(type(distiller), split, BATCH, (0.5,) * channels, (0.25,) * channels,
+                    channels_last=channels_last and channels > 1)
+    run = Run(distiller, optimizer, batches, Execution(torch.device("cpu"), bf16=False, channels_last=channels_last))
+    for _ in range(2):  # warm-up
+        step(run)
+    return 1e3 * statistics.median(interleaved_times({"run": run}, count, 1)["run"])
 
 
 def main() -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
 from kdarena.methods import Distiller, StepInfo
 from kdarena.methods.engine import train_step
+from kdarena.methods.execution import Execution
 from kdarena.methods.teacher_logits import TeacherLogits
 from kdarena.zoo.data import Batch, BatchLoader, Split
 
@@ -17,16 +19,22 @@ from kdarena.zoo.data import Batch, BatchLoader, Split
 # (fsp's default) are in their distillation stage, the one that costs more than baseline
 EPOCH, EPOCHS, STEPS_PER_EPOCH = 10, 100, 100
 
-# a run to time: the method, its optimizer, and its endless steps
-Run = tuple[Distiller, torch.optim.Optimizer, Iterator[tuple[Batch, StepInfo]]]
+class Run(NamedTuple):
+    """A run to time: the method, its optimizer, its endless steps, and how they run (default: the CPU's)."""
+
+    distiller: Distiller
+    optimizer: torch.optim.Optimizer
+    batches: Iterator[tuple[Batch, StepInfo]]
+    execution: Execution | None = None
 
 
 def steps(method: type[Distiller], split: Split, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-          seed: int = 0, cache: TeacherLogits | None = None) -> Iterator[tuple[Batch, StepInfo]]:
+          seed: int = 0, cache: TeacherLogits | None = None,
+          channels_last: bool = False) -> Iterator[tuple[Batch, StepInfo]]:
     """Endless (batch, StepInfo) as `engine.fit` makes them for this method: shuffled, its strong view and indices,
-    and the batch's rows of `cache` when given."""
+    the batch's rows of `cache` when given, in the memory format asked for."""
     loader = BatchLoader(split, batch_size=batch_size, mean=mean, std=std, shuffle=True, seed=seed,
-                         strong=method.strong_view)
+                         strong=method.strong_view, channels_last=channels_last)
     i = 0
     while True:
         loader.set_epoch(i)
@@ -39,9 +47,8 @@ def steps(method: type[Distiller], split: Split, batch_size: int, mean: tuple[fl
 
 def step(run: Run) -> None:
     """One engine training step of `run` on its next batch."""
-    distiller, optimizer, batches = run
-    batch, info = next(batches)
-    train_step(distiller, optimizer, batch.images, batch.labels, info)
+    batch, info = next(run.batches)
+    train_step(run.distiller, run.optimizer, batch.images, batch.labels, info, run.execution)
 
 
 def interleaved_times(runs: dict[str, Run], rounds: int, steps_per_round: int) -> dict[str, list[float]]:

@@ -28,7 +28,7 @@ from kdarena.methods.recipe import Recipe
 from kdarena.zoo.data import Split
 from kdarena.zoo.models import build_model, stage_shapes
 
-from .engine_steps import interleaved_times, print_medians, step, steps
+from .engine_steps import Run, interleaved_times, print_medians, step, steps
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
         distiller = method(student, teacher if method.needs_teacher else None, method.Params(), pair)
         optimizer = build_optimizer(distiller.student_optimizer_parameters(), Recipe())
         distiller.train()
-        runs[name] = (distiller, optimizer, steps(method, split, args.batch_size, (0.5,) * 3, (0.25,) * 3))
+        runs[name] = Run(distiller, optimizer, steps(method, split, args.batch_size, (0.5,) * 3, (0.25,) * 3))
         step(runs[name])  # warm-up (and discriminator warm-up)
 
     print_medians(f"{args.teacher} -> {args.student}, 32x32, batch {args.batch_size}, CPU threads "

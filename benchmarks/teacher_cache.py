@@ -67,7 +67,7 @@ def time_pair(label: str, teacher_spec: tuple[str, dict], student_spec: tuple[st
                         channels, size)
         distiller = method(student, teacher if method.needs_teacher else None, method.Params(), pair).train()
         optimizer = build_optimizer(distiller.student_optimizer_parameters(), recipe)
-        runs[name] = (distiller, optimizer, steps(method, data.train, args.batch_size, data.mean, data.std,
+        runs[name] = Run(distiller, optimizer, steps(method, data.train, args.batch_size, data.mean, data.std,
                                                   cache=logits))
         step(runs[name])  # warm-up
 
