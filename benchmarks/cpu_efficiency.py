@@ -4,9 +4,10 @@ The peak: the best of float32 GEMMs of several sizes (what torch's BLAS reaches)
 from the CPU's vector flags and clock (2 FMA pipes assumed; the clock `/proc/cpuinfo` shows, which boost may
 exceed). A model's training step (forward, backward, SGD step; batch 128) counts 3× its forward FLOPs as
 `zoo/cost.py` counts them, in each memory format. Then the whole kd step of resnet56 → resnet20 (the teacher's
-forward included) in float32, contiguous (the engine's CPU path) and channels_last.
+forward included) in float32, contiguous and channels_last (the engine's CPU path). `--tuning`: that kd step at
+batch 64, 128 and 256, and with torch.compile, instead.
 
-    .venv/bin/python -m benchmarks.cpu_efficiency [--threads 1 2] [--steps 6]
+    .venv/bin/python -m benchmarks.cpu_efficiency [--threads 1 2] [--steps 6] [--tuning]
 """
 
 from __future__ import annotations
@@ -65,16 +66,16 @@ def _pair(student, teacher, channels: int, size: int, classes: int = 10) -> Pair
                     size)
 
 
-def step_ms(distiller, channels: int, size: int, channels_last: bool, count: int) -> float:
+def step_ms(distiller, channels: int, size: int, channels_last: bool, count: int, batch: int = BATCH) -> float:
     """Median ms of one engine training step of `distiller` (baseline or kd) on batches of random images."""
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
         if distiller.teacher is not None:
             distiller.teacher.to(memory_format=torch.channels_last)
-    split = Split(torch.randint(0, 256, (4 * BATCH, channels, size, size), dtype=torch.uint8),
-                  torch.randint(0, 10, (4 * BATCH,)))
+    split = Split(torch.randint(0, 256, (4 * batch, channels, size, size), dtype=torch.uint8),
+                  torch.randint(0, 10, (4 * batch,)))
     optimizer = build_optimizer(distiller.student_optimizer_parameters(), Recipe(epochs=2))
-    batches = steps(type(distiller), split, BATCH, (0.5,) * channels, (0.25,) * channels,
+    batches = steps(type(distiller), split, batch, (0.5,) * channels, (0.25,) * channels,
                     channels_last=channels_last and channels > 1)
     run = Run(distiller, optimizer, batches, Execution(torch.device("cpu"), bf16=False, channels_last=channels_last))
     for _ in range(2):  # warm-up
@@ -82,11 +83,41 @@ def step_ms(distiller, channels: int, size: int, channels_last: bool, count: int
     return 1e3 * statistics.median(interleaved_times({"run": run}, count, 1)["run"])
 
 
+def _kd(channels_last: bool) -> KD:
+    torch.manual_seed(0)
+    teacher = build_model("resnet56", num_classes=10, in_channels=3, input_size=32).eval()
+    teacher.requires_grad_(False)
+    student = build_model("resnet20", num_classes=10, in_channels=3, input_size=32)
+    return KD(student, teacher, KD.Params(), _pair(student, teacher, 3, 32))
+
+
+def tuning(count: int) -> None:
+    """What else moves the kd step at this machine's threads: batch size, and torch.compile (inductor, C++ on CPU)
+    of the student's and the teacher's stage passes."""
+    print(f"\nkd step resnet56 -> resnet20, channels_last, {torch.get_num_threads()} threads, by batch size:")
+    for batch in (64, 128, 256):
+        ms = step_ms(_kd(True), 3, 32, True, count, batch)
+        print(f"  batch {batch:<5}{ms:>9.1f} ms/step{ms / batch:>8.2f} ms/image")
+    eager = step_ms(_kd(True), 3, 32, True, count)
+    kd = _kd(True)
+    for net in (kd.student, kd.teacher):
+        net.forward_stages = torch.compile(net.forward_stages)
+    start = time.perf_counter()
+    compiled = step_ms(kd, 3, 32, True, count)
+    print(f"  batch {BATCH}: eager {eager:.1f} ms/step, torch.compile {compiled:.1f} ms/step "
+          f"({eager / compiled:.2f}x; compiling and timing took {time.perf_counter() - start:.0f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--tuning", action="store_true", help="only the kd step's batch-size and torch.compile look")
     args = parser.parse_args()
+    if args.tuning:
+        torch.set_num_threads(max(args.threads))
+        tuning(args.steps)
+        return
     per_core, how = fma_peak_per_core()
     print(f"theoretical FMA peak: {per_core:.0f} GFLOP/s per core ({how})")
     for threads in args.threads:
@@ -106,12 +137,7 @@ def main() -> None:
                       f"{rate / gflops:>9.0%}")
         print("\nkd step resnet56 -> resnet20 (teacher forward included), batch 128:")
         for channels_last in (False, True):
-            torch.manual_seed(0)
-            teacher = build_model("resnet56", num_classes=10, in_channels=3, input_size=32).eval()
-            teacher.requires_grad_(False)
-            student = build_model("resnet20", num_classes=10, in_channels=3, input_size=32)
-            kd = KD(student, teacher, KD.Params(), _pair(student, teacher, 3, 32))
-            ms = step_ms(kd, 3, 32, channels_last, args.steps)
+            ms = step_ms(_kd(channels_last), 3, 32, channels_last, args.steps)
             print(f"  {'channels_last' if channels_last else 'contiguous':<16}{ms:>9.1f} ms/step")
 
 

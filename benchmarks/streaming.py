@@ -10,7 +10,7 @@ the batches of one epoch as the engine's training loader gives them
 alone can feed; with `--model`, also an epoch of that model's training
 steps on the CIFAR tree, where the workers share the cores with the step.
 
-    python -m benchmarks.streaming [--cifar ../shared/data/cifar10-jpeg.tar.gz] [--workers 0 1 2] [--model cnn]
+    python -m benchmarks.streaming [--cifar DIR/cifar10-jpeg.tar.gz] [--workers 0 1 2] [--model cnn]
 """
 
 from __future__ import annotations
@@ -90,20 +90,17 @@ def compare(name: str, root: Path, image_size: int | None, workers: list[int], b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cifar", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data"
-                        / "cifar10-jpeg.tar.gz")
+    parser.add_argument("--cifar", type=Path, default=None, help="the CIFAR-10 JPEG tree or a .tar.gz of it")
     parser.add_argument("--imagenet-images", type=int, default=1000)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default=None, help="also train this zoo model on the batches (CIFAR tree only)")
     args = parser.parse_args()
-    if args.cifar.exists():
+    if args.cifar is not None:
         compare(f"CIFAR-10 JPEG copy ({args.cifar.name})", args.cifar, None, args.workers, args.batch_size, None)
         if args.model:
             compare(f"CIFAR-10 JPEG copy ({args.cifar.name})", args.cifar, None, args.workers, args.batch_size,
                     args.model)
-    else:
-        print(f"{args.cifar} not found: CIFAR-10 JPEG comparison skipped (pass --cifar)")
     with tempfile.TemporaryDirectory(prefix="kdarena-imagenet-size-") as tmp:
         root = synthetic_tree(Path(tmp), args.imagenet_images)
         compare("synthetic ImageNet-size tree", root, 224, args.workers, args.batch_size, None)
