@@ -63,11 +63,11 @@ def _loader(data, workers: int | None = None, **options):
     return _train_loader(split, data, **options)
 
 
-def _train_loader(split, data, augment=None, strong=None, seed: int = 5, batch_size: int = 8):
+def _train_loader(split, data, augment=None, strong=None, seed: int = 5, batch_size: int = 8, **streamed):
     from kdarena.zoo.streaming import loader_for
 
     return loader_for(split, batch_size=batch_size, mean=data.mean, std=data.std, shuffle=True,
-                      augment=augment or data.augment, seed=seed, strong=strong, persistent=True)
+                      augment=augment or data.augment, seed=seed, strong=strong, persistent=True, **streamed)
 
 
 def test_a_one_size_tree_streams_to_the_very_batches_it_gives_in_memory(one_size_tree):
@@ -99,6 +99,8 @@ def test_per_sample_crops_depend_on_the_seed_and_epoch_alone(mixed_tree):
     assert torch.equal(first, _epoch(_loader(data, workers=2), 1)[0])  # however many processes decode
     assert torch.equal(first, _epoch(_loader(data, workers=2), 1)[0])  # a resumed epoch: the same images
     assert not torch.equal(first, _epoch(_loader(data, workers=2), 2)[0])
+    # the CUDA path (workers read the bytes; the training device decodes, crops and fits), run here on the CPU
+    assert torch.equal(first, _epoch(_loader(data, workers=2, decode_on_device=True), 1)[0])
     assert not torch.equal(first, _epoch(_loader(data, workers=2, seed=6), 1)[0])
     # validation images are fitted (shorter side resized, centre crop), never cropped at random
     val = torch.cat([x for x, _ in eval_loader(data.val, data, torch.device("cpu"))])
