@@ -10,7 +10,10 @@ the batches of one epoch as the engine's training loader gives them
 alone can feed; with `--model`, also an epoch of that model's training
 steps on the CIFAR tree, where the workers share the cores with the step.
 
-    python -m benchmarks.streaming [--cifar DIR/cifar10-jpeg.tar.gz] [--workers 0 1 2] [--model cnn]
+    python -m benchmarks.streaming [--cifar DIR/cifar10-jpeg.tar.gz] [--workers 0 1 2] [--model cnn] [--device cuda]
+
+It imports only `zoo/` (torch, torchvision, pydantic), so it runs where a GPU is lent; `--device cuda` adds the
+rows where the workers only read the files and the GPU decodes them.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ def synthetic_tree(root: Path, images: int, classes: int = 10) -> Path:
     return root
 
 
-def epoch_rate(data: Dataset, batch_size: int, model: str | None) -> float:
-    """Images/s of one epoch of training batches, and of training steps of `model` on them when one is named (the
-    better of two epochs: decoding workers already up in the second)."""
+def epoch_rate(data: Dataset, batch_size: int, model: str | None, device: torch.device, **streamed) -> float:
+    """Images/s of one epoch of training batches on `device`, and of training steps of `model` on them when one is
+    named (the better of two epochs: decoding workers already up in the second)."""
     loader = loader_for(data.train, batch_size=batch_size, mean=data.mean, std=data.std, shuffle=True,
-                        augment=data.augment, seed=0, persistent=True, channels_last=model is not None)
+                        augment=data.augment, seed=0, persistent=True, channels_last=model is not None,
+                        device=device, **streamed)
     net = None
     if model is not None:
         net = build_model(model, num_classes=data.num_classes, in_channels=3, input_size=data.input_size)
@@ -64,28 +68,33 @@ def epoch_rate(data: Dataset, batch_size: int, model: str | None) -> float:
                 loss.backward()
                 optimizer.step()
             seen += batch.labels.numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         best = max(best, seen / (time.perf_counter() - start))
     return best
 
 
 def compare(name: str, root: Path, image_size: int | None, workers: list[int], batch_size: int,
-            model: str | None) -> None:
+            model: str | None, device: torch.device) -> None:
     rows = []
     start = time.perf_counter()
     held = load_dataset("imagefolder", root=root, tree=TreeOptions(in_memory=True, image_size=image_size))
     first_held = time.perf_counter() - start
-    rows.append(("in memory", first_held, epoch_rate(held, batch_size, model)))
+    rows.append(("in memory", first_held, epoch_rate(held, batch_size, model, device)))
     for count in workers:
         start = time.perf_counter()
         streamed = load_dataset("imagefolder", root=root, tree=TreeOptions(in_memory=False, image_size=image_size,
                                                                          workers=count))
-        rows.append((f"streamed, {count} workers", time.perf_counter() - start, epoch_rate(streamed, batch_size, model)))
+        load_s = time.perf_counter() - start
+        for on_device in (False, True) if device.type == "cuda" else (False,):
+            rows.append((f"streamed, {count} workers{', GPU decode' if on_device else ''}", load_s,
+                         epoch_rate(streamed, batch_size, model, device, decode_on_device=on_device)))
     print(f"\n{name}: {len(held.train)} training images at {held.input_size} px, policy {held.augment.policy}, "
           f"batch {batch_size}, torch threads {torch.get_num_threads()}, "
           f"{'training steps of ' + model if model else 'batches alone, no model'}")
-    print(f"{'path':<22}{'load, s':>10}{'images/s':>12}{'÷ in memory':>13}")
+    print(f"{'path (' + device.type + ')':<36}{'load, s':>10}{'images/s':>12}{'÷ in memory':>13}")
     for label, load_s, rate in rows:
-        print(f"{label:<22}{load_s:>10.1f}{rate:>12.0f}{rate / rows[0][2]:>13.2f}")
+        print(f"{label:<36}{load_s:>10.1f}{rate:>12.0f}{rate / rows[0][2]:>13.2f}")
 
 
 def main() -> None:
@@ -95,15 +104,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default=None, help="also train this zoo model on the batches (CIFAR tree only)")
+    parser.add_argument("--device", default="cpu", help="where batches go: cpu, or cuda (adds GPU-decoded rows)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.cifar is not None:
-        compare(f"CIFAR-10 JPEG copy ({args.cifar.name})", args.cifar, None, args.workers, args.batch_size, None)
+        compare(f"CIFAR-10 JPEG copy ({args.cifar.name})", args.cifar, None, args.workers, args.batch_size, None,
+                device)
         if args.model:
             compare(f"CIFAR-10 JPEG copy ({args.cifar.name})", args.cifar, None, args.workers, args.batch_size,
-                    args.model)
+                    args.model, device)
     with tempfile.TemporaryDirectory(prefix="kdarena-imagenet-size-") as tmp:
         root = synthetic_tree(Path(tmp), args.imagenet_images)
-        compare("synthetic ImageNet-size tree", root, 224, args.workers, args.batch_size, None)
+        compare("synthetic ImageNet-size tree", root, 224, args.workers, args.batch_size, None, device)
 
 
 if __name__ == "__main__":
