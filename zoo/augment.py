@@ -113,13 +113,13 @@ class RandomResizedCrop(Policy):
         area = height * width
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         for _ in range(10):
-            u = torch.rand(2, generator=gen, dtype=torch.float64).tolist()
+            u = torch.rand(2, generator=gen, dtype=torch.float64, device=gen.device).tolist()
             target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
             aspect = math.exp(log_lo + u[1] * (log_hi - log_lo))
             w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
             if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
-                left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+                top = int(torch.randint(0, height - h + 1, (1,), generator=gen, device=gen.device))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=gen, device=gen.device))
                 return top, left, h, w
         aspect = width / height
         if aspect < self.ratio[0]:
@@ -137,7 +137,7 @@ class RandomResizedCrop(Policy):
 
         top, left, h, w = self.box(image.shape[-2], image.shape[-1], gen)
         out = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
-        if self.flip and bool(torch.rand((), generator=gen) < 0.5):
+        if self.flip and bool(torch.rand((), generator=gen, device=gen.device) < 0.5):
             out = out.flip(-1)
         return out
 

@@ -9,9 +9,10 @@ policy (`random_resized_crop`) runs in the workers on each decoded file at
 its own size, drawing from a generator seeded by (seed, epoch, image), so
 the batches of epoch `e` depend only on (seed, e) whatever the number of
 workers, and a resumed run sees the same images. Workers only decode and
-crop; normalisation stays on the device. On CUDA, a tree of JPEGs is
-decoded on the GPU (`torchvision.io.decode_jpeg`), the workers only reading
-the files: the same crops, drawn from the same seeds.
+crop; normalisation stays on the device. On CUDA, a tree of large JPEGs
+is decoded on the GPU (`torchvision.io.decode_jpeg`), the workers only
+reading the files: the same crops, drawn from the same seeds. Small JPEGs
+decode faster in CPU workers than on the GPU.
 
 Every worker reads the files itself: on a cluster, the tree must be at the
 same path on every node.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .augment import NoAugment, Policy
+from .augment import LARGE_IMAGE_SIZE, NoAugment, Policy
 from .data import BatchLoader
 from .image_tree import decode, fit
 
@@ -114,16 +115,18 @@ class _Plan(torch.utils.data.Sampler):
 
 
 class StreamLoader(BatchLoader):
-    """`BatchLoader`'s batches of a `FileSplit`, decoded ahead by `split.workers` processes, or, for JPEGs on CUDA,
-    read by them and decoded on the GPU (`decode_on_device`: None decides so)."""
+    """`BatchLoader`'s batches of a `FileSplit`, decoded ahead by `split.workers` processes, or, for JPEGs of
+    `LARGE_IMAGE_SIZE` px and more on CUDA, read by them and decoded on the GPU (`decode_on_device`: None decides
+    so)."""
 
     def __init__(self, split: FileSplit, *, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  device: torch.device | str = "cpu", shuffle: bool = False, augment: Policy | None = None,
                  seed: int = 0, channels_last: bool = False, strong: Policy | None = None, persistent: bool = False,
                  decode_on_device: bool | None = None):
         self.device = torch.device(device)
-        if decode_on_device is None:
-            decode_on_device = self.device.type == "cuda" and all(f.lower().endswith(JPEG) for f in split.files)
+        if decode_on_device is None:  # measured (benchmarks/streaming.py, README): the GPU wins on large JPEGs only
+            decode_on_device = (self.device.type == "cuda" and split.image_size >= LARGE_IMAGE_SIZE
+                                and all(f.lower().endswith(JPEG) for f in split.files))
         self.decode_on_device = decode_on_device
         self.split = split
         self.labels = split.labels.to(self.device)
