@@ -387,3 +387,22 @@ def sweep_workspace(work: Path) -> Iterator[str]:
 def unboxed(text: str) -> str:
     """A CLI's output with typer's error box and its line wrapping taken away: the message as one line."""
     return " ".join(text.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def write_tree(root: Path, sizes: tuple[int, int], train_per_class: int = 12, test_per_class: int = 4) -> Path:
+    """An image tree of three classes: JPEGs of smooth random content, each of a random height and width within
+    `sizes`."""
+    import random
+
+    from torchvision.io import encode_jpeg
+
+    gen, rnd = torch.Generator().manual_seed(0), random.Random(0)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c in ("ant", "bee", "cat"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                h, w = rnd.randint(*sizes), rnd.randint(*sizes)
+                low = torch.rand((1, 3, h // 8 + 2, w // 8 + 2), generator=gen) * 255
+                image = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear")[0].to(torch.uint8)
+                (root / split / c / f"{i:03d}.jpg").write_bytes(encode_jpeg(image, quality=90).numpy().tobytes())
+    return root

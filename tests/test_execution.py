@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CPU, assert_resumed_exactly, digits_batch, digits_distiller, digits_model, uninterrupted_and_resumed
+from helpers import (CPU, assert_resumed_exactly, digits_batch, digits_distiller, digits_model,
+                     uninterrupted_and_resumed, write_tree)
 from kdarena.methods import METHODS
 from kdarena.methods.base import StepInfo
 from kdarena.methods.engine import fit, pick_device
@@ -126,4 +127,34 @@ def test_on_cuda_a_bf16_run_resumes_exactly(digits, tmp_path):
 
     full, resumed = uninterrupted_and_resumed(make, digits, Recipe(epochs=3, batch_size=64), tmp_path,
                                               execution=execution)
+    assert_resumed_exactly(full, resumed)
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_streamed_jpeg_tree_decodes_on_the_gpu_and_resumes_exactly(tmp_path):
+    from kdarena.methods.engine import training_loader
+    from kdarena.training.build import pair_info
+    from kdarena.zoo.data import TreeOptions, load_dataset
+    from kdarena.zoo.models import build_model
+
+    data = load_dataset("imagefolder", root=write_tree(tmp_path / "tree", (100, 160)),
+                        tree=TreeOptions(in_memory=False, image_size=96, workers=2))
+    cuda = torch.device("cuda")
+    teacher = build_model("cnn", num_classes=3, in_channels=3, input_size=96, channels=8)
+
+    def make():
+        torch.manual_seed(3)
+        student = build_model("cnn", num_classes=3, in_channels=3, input_size=96, channels=4)
+        return KD(student, teacher, KD.Params(), pair_info(student, teacher, data))
+
+    recipe = Recipe(epochs=2, batch_size=16)
+    loader = training_loader(make(), data, recipe, cuda)
+    assert loader.decode_on_device  # JPEGs this large: the workers read, the GPU decodes and crops
+    epochs = []
+    for _ in range(2):
+        loader.set_epoch(1)
+        epochs.append(torch.cat([b.images for b in loader.batches()]))
+    assert epochs[0].is_cuda and epochs[0].shape == (len(data.train), 3, 96, 96) and torch.equal(*epochs)
+    full, resumed = uninterrupted_and_resumed(make, data, recipe, tmp_path, execution=Execution.default(cuda))
+    assert full.status == "completed" and len(full.history) == 2
     assert_resumed_exactly(full, resumed)

@@ -4,13 +4,11 @@ memory budget that decides, and the mistakes a user can make with the options.""
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import encode_jpeg
 
 from kdarena.methods.engine import eval_loader, training_loader
 from kdarena.methods.recipe import Recipe
@@ -22,24 +20,7 @@ from kdarena.zoo.augment import RandomResizedCrop, Strong
 from kdarena.zoo.data import Split, TreeOptions, load_dataset
 from kdarena.zoo.streaming import FileSplit
 
-from helpers import assert_resumed_exactly, cli_train, uninterrupted_and_resumed
-
-CLASSES = ("ant", "bee", "cat")
-
-
-def write_tree(root: Path, sizes: tuple[int, int], train_per_class: int = 12, test_per_class: int = 4) -> Path:
-    """JPEGs of smooth random content, each of a random height and width within `sizes`."""
-    gen, rnd = torch.Generator().manual_seed(0), random.Random(0)
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                h, w = rnd.randint(*sizes), rnd.randint(*sizes)
-                low = torch.rand((1, 3, h // 8 + 2, w // 8 + 2), generator=gen) * 255
-                image = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear")[0].to(torch.uint8)
-                (root / split / c / f"{i:03d}.jpg").write_bytes(encode_jpeg(image, quality=90).numpy().tobytes())
-    return root
-
+from helpers import assert_resumed_exactly, cli_train, uninterrupted_and_resumed, write_tree
 
 @pytest.fixture(scope="module")
 def one_size_tree(tmp_path_factory) -> Path:
