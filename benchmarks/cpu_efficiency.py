@@ -66,8 +66,8 @@ def _pair(student, teacher, channels: int, size: int, classes: int = 10) -> Pair
                     size)
 
 
-def step_ms(distiller, channels: int, size: int, channels_last: bool, count: int, batch: int = BATCH) -> float:
-    """Median ms of one engine training step of `distiller` (baseline or kd) on batches of random images."""
+def step_run(distiller, channels: int, size: int, channels_last: bool, batch: int = BATCH) -> Run:
+    """`distiller` (baseline or kd) as a run of engine training steps on batches of random images, warmed up."""
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
         if distiller.teacher is not None:
@@ -78,8 +78,14 @@ def step_ms(distiller, channels: int, size: int, channels_last: bool, count: int
     batches = steps(type(distiller), split, batch, (0.5,) * channels, (0.25,) * channels,
                     channels_last=channels_last and channels > 1)
     run = Run(distiller, optimizer, batches, Execution(torch.device("cpu"), bf16=False, channels_last=channels_last))
-    for _ in range(2):  # warm-up
+    for _ in range(2):
         step(run)
+    return run
+
+
+def step_ms(distiller, channels: int, size: int, channels_last: bool, count: int, batch: int = BATCH) -> float:
+    """Median ms of one engine training step of `distiller` on batches of random images."""
+    run = step_run(distiller, channels, size, channels_last, batch)
     return 1e3 * statistics.median(interleaved_times({"run": run}, count, 1)["run"])
 
 
@@ -93,19 +99,22 @@ def _kd(channels_last: bool) -> KD:
 
 def tuning(count: int) -> None:
     """What else moves the kd step at this machine's threads: batch size, and torch.compile (inductor, C++ on CPU)
-    of the student's and the teacher's stage passes."""
-    print(f"\nkd step resnet56 -> resnet20, channels_last, {torch.get_num_threads()} threads, by batch size:")
+    of the student's and the teacher's stage passes. Each is timed alone, one after the other: interleaved, their
+    convolutions' oneDNN primitives (one per layer, shape and pass) evict each other from its cache, and a step
+    that rebuilds them ran up to 7x slower."""
+    results = {}
     for batch in (64, 128, 256):
-        ms = step_ms(_kd(True), 3, 32, True, count, batch)
-        print(f"  batch {batch:<5}{ms:>9.1f} ms/step{ms / batch:>8.2f} ms/image")
-    eager = step_ms(_kd(True), 3, 32, True, count)
+        results[f"eager, batch {batch}"] = step_ms(_kd(True), 3, 32, True, count, batch)
     kd = _kd(True)
     for net in (kd.student, kd.teacher):
         net.forward_stages = torch.compile(net.forward_stages)
     start = time.perf_counter()
-    compiled = step_ms(kd, 3, 32, True, count)
-    print(f"  batch {BATCH}: eager {eager:.1f} ms/step, torch.compile {compiled:.1f} ms/step "
-          f"({eager / compiled:.2f}x; compiling and timing took {time.perf_counter() - start:.0f} s)")
+    results[f"torch.compile, batch {BATCH}"] = step_ms(kd, 3, 32, True, count)  # its warm-up compiles
+    print(f"\nkd step resnet56 -> resnet20, channels_last, {torch.get_num_threads()} threads "
+          f"(torch.compile: {time.perf_counter() - start:.0f} s with compiling):")
+    for name, ms in results.items():
+        batch = int(name.rsplit(" ", 1)[1])
+        print(f"  {name:<26}{ms:>9.1f} ms/step{ms / batch:>8.2f} ms/image")
 
 
 def main() -> None:
