@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from mlflow.tracking import MlflowClient
 
 from kdarena.methods.baseline import Baseline
 from kdarena.methods.engine import fit
 from kdarena.methods.kd import KD
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.replica import Replica
+from kdarena.training.record import Metric, Tag
 from kdarena.zoo.data import load_dataset
 
 from helpers import digits_cnn, digits_model, digits_pair
@@ -69,3 +77,113 @@ def test_two_replicas_train_as_one_worker_does(tmp_path):
         assert abs(losses["loss_ce"] - e.losses["loss_ce"]) < 1e-5
         assert abs(train_acc - e.train_acc) < 1e-6 and val_acc == e.val_acc
     assert ranks[0]["test_acc"] == result.test_acc
+
+
+# -- a real sweep on a real local Ray: `resources.workers: 2` -------------------------------------------------------
+
+SWEEP = {
+    "dataset": {"name": "digits"},
+    "teacher": {"arch": "cnn", "options": {"channels": 16}, "recipe": {"epochs": 1}},
+    "students": [{"arch": "cnn", "options": {"channels": 16}}],  # ~0.5 s an epoch: a kill lands mid-epoch
+    "methods": {"kd": {}},
+    "budget": {"trials_per_method": 2, "epochs": 3, "early_stopping": False},
+    "max_concurrent": 1,  # the second trial of the two-worker sweep gets the CPUs the first one's workers held
+    "warm_start": "off",
+}
+
+
+def _train_workers(marker: str) -> set[int]:
+    """Pids of the Ray Train workers of the Ray this test started (their environment holds `marker`)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker")
+                    and marker.encode() in (proc / "environ").read_bytes()):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory):
+    """A one-worker and a two-worker sweep of the same file in one store; a Train worker of the two-worker sweep's
+    first trial SIGKILLed once it has reported an epoch."""
+    from helpers import sweep_workspace
+
+    from kdarena.search.sweep import run_sweep
+    from kdarena.search.sweep_config import parse_sweep
+
+    work = tmp_path_factory.mktemp("data-parallel")
+    out: dict = {"work": work}
+    with sweep_workspace(work) as uri:
+        out["uri"] = uri
+        one = SWEEP | {"name": "one"}
+        out["one"] = run_sweep(parse_sweep(one, "one.yaml"), one).paths.root
+        two = SWEEP | {"name": "two", "resources": {"cpu": 1, "workers": 2}}
+        root = work / "kdarena-sweeps" / "two"
+        seen: set[int] = set()
+        stop = threading.Event()
+
+        def kill_once_an_epoch_is_in() -> None:
+            while not stop.is_set():
+                records = root / "records.json"
+                trials = json.loads(records.read_text())["trials"] if records.exists() else {}
+                running = [(k, r) for k, r in trials.items()
+                           if r["status"] == "running" and r.get("last_result", {}).get("epoch", 0) >= 1]
+                workers = _train_workers(str(work))
+                seen.update(workers)
+                if running and workers and "killed" not in out:
+                    pid = max(workers)
+                    os.kill(pid, signal.SIGKILL)
+                    out["killed"] = (running[0][0], pid, running[0][1]["last_result"]["epoch"], set(workers))
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_once_an_epoch_is_in, daemon=True)
+        killer.start()
+        try:
+            out["two"] = run_sweep(parse_sweep(two, "two.yaml"), two).paths.root
+        finally:
+            stop.set()
+            killer.join()
+        out["workers_seen"] = seen
+    return out
+
+
+def _trials(root: Path) -> dict:
+    return json.loads((root / "records.json").read_text())["trials"]
+
+
+def test_a_two_worker_sweep_records_what_a_one_worker_sweep_does(sweeps):
+    client = MlflowClient(sweeps["uri"])
+
+    def shapes(root: Path) -> set:
+        """Each trial's record and MLflow run, less their values: the best trial's (its student logged) and the
+        others'."""
+        out = set()
+        for r in _trials(root).values():
+            run = client.get_run(r["run_id"])
+            out.add((tuple(r), r["status"], tuple(h["epoch"] for h in r["history"]), tuple(r["last_result"]),
+                     tuple(r["history"][0]), run.info.status, run.data.tags[Tag.STATUS], tuple(sorted(run.data.metrics)),
+                     tuple(sorted(k for k in run.data.tags if not k.startswith("mlflow."))),
+                     tuple(m.step for m in client.get_metric_history(r["run_id"], Metric.VAL_ACC))))
+        return out
+
+    assert len(_trials(sweeps["one"])) == len(_trials(sweeps["two"])) == 2
+    one = shapes(sweeps["one"])
+    assert one == shapes(sweeps["two"])
+    assert {(s[1], s[2], s[6]) for s in one} == {("completed", (1, 2, 3), "completed")}
+    assert not any((sweeps["two"] / "ray" / "train").iterdir())  # no Train run left behind
+
+
+def test_a_killed_train_worker_resumes_its_trial_from_the_checkpoint(sweeps):
+    key, pid, epoch_at_kill, workers_then = sweeps["killed"]
+    record = _trials(sweeps["two"])[key]
+    assert record["status"] == "completed"
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]  # each epoch once: none lost, none re-run
+    assert sweeps["workers_seen"] - workers_then, "a new worker group took over"
+    trial_id = key.split("/")[1]
+    (trial_dir,) = [d for d in (sweeps["two"] / "ray" / "search").iterdir() if d.is_dir() and trial_id in d.name]
+    reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    # had the new workers started over, epoch 1 would be reported again after the kill
+    assert [r["epoch"] for r in reports] == [1, 2, 3] and epoch_at_kill >= 1
