@@ -9,7 +9,7 @@ small split included), the best of the epochs after the first. Scaling
 efficiency = two workers' throughput / (2 × one worker's at half the CPUs),
 and the speed-up over one worker holding all the CPUs is printed beside it.
 Ray is not involved: this measures the engine's gradient averaging, not
-Ray Train's start-up (about 15-20 s per Train run here, paid once per trial).
+Ray Train's start-up (paid once per trial).
 """
 
 from __future__ import annotations
