@@ -75,6 +75,8 @@ class Distiller(nn.Module):
     strong_view: ClassVar[Policy | None] = None
     # the teacher is read only through `teacher_logits`, so the engine may hand it logits computed once
     teacher_logits_only: ClassVar[bool] = False
+    # why this method cannot train data-parallel (`replica.py`: state kept per training image), or "" when it can
+    data_parallel_refusal: ClassVar[str] = ""
 
     def __init__(self, student: StagedModel, teacher: StagedModel | None, params: MethodParams, pair: PairInfo):
         super().__init__()

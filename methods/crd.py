@@ -120,6 +120,8 @@ class CRD(Distiller):
     name = "crd"
     Params = CRDParams
     wants_indices = True
+    data_parallel_refusal = ("its memory bank is updated at each batch's training-split indices, so data-parallel "
+                             "workers, each training other rows, would hold different banks")
     space = {
         "crd_weight": FloatRange(0.1, 5.0, log=True),
         "alpha": FloatRange(0.0, 1.0),

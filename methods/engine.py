@@ -37,6 +37,7 @@ from kdarena.zoo.models import StagedModel
 from .base import Distiller, StepInfo
 from .execution import Execution
 from .recipe import Recipe
+from .replica import GradientAverager, Replica, Shard
 from .teacher_logits import LogitPath, TeacherLogits, cacheable
 
 
@@ -94,17 +95,24 @@ def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def evaluate(model: nn.Module, loader: BatchLoader, execution: Execution | None = None) -> float:
-    """Top-1 accuracy of `model` over a loader, in eval mode (precision: `execution`, default the device's)."""
+def evaluate(model: nn.Module, loader: BatchLoader, execution: Execution | None = None,
+             replica: Replica | None = None) -> float:
+    """Top-1 accuracy of `model` over a loader, in eval mode (precision: `execution`, default the device's); with a
+    `replica`, each replica counts its rows of every batch and the counts are summed."""
     execution = execution or Execution.default(loader.device)
     was_training = model.training
     model.eval()
     correct = total = 0
     with torch.inference_mode(), execution.autocast():
         for images, labels in loader:
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += int(labels.numel())
+            if replica is not None:
+                images, labels = replica.rows(images), replica.rows(labels)
+            if len(labels):
+                correct += int((model(images).argmax(1) == labels).sum())
+                total += int(labels.numel())
     model.train(was_training)
+    if replica is not None:
+        correct, total = (int(v) for v in replica.summed([torch.tensor([correct, total], device=loader.device)])[0])
     return correct / max(1, total)
 
 
@@ -169,7 +177,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         checkpoint_path: Path | None = None, evaluate_test: bool = True,
         on_epoch: Callable[[EpochResult], None] | None = None,
         on_batch: Callable[[int, int], None] | None = None, execution: Execution | None = None,
-        teacher_logits: TeacherLogits | None = None) -> FitResult:
+        teacher_logits: TeacherLogits | None = None, replica: Replica | None = None) -> FitResult:
     """Train `distiller.student` (and its training-only modules) for `recipe.epochs`.
 
     With `checkpoint_path`, a checkpoint is written after every epoch and, if
@@ -179,6 +187,11 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
     Where the method and recipe allow a cache (`teacher_logits.cacheable`),
     `teacher_logits` computed along this fit's path are used, else they are
     computed now.
+
+    With a `replica`, this process is one of several training the same run
+    data-parallel (`replica.py`): each trains its rows of every global batch,
+    all take the same optimiser steps, and only the chief writes the checkpoint
+    (every replica restores from one, when `checkpoint_path` holds it).
     """
     execution = execution or Execution.default(device or pick_device())
     device = execution.device
@@ -200,6 +213,28 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
     start_epoch = 0
     if checkpoint_path is not None and checkpoint_path.exists():
         start_epoch, history = _restore(checkpoint_path, distiller, optimizer, scheduler)
+    averager = None
+    if replica is not None:
+        replica.broadcast_state(distiller)
+        averager = GradientAverager(replica, [optimizer, *distiller.aux_optimizers().values()])
+    try:
+        return _epochs(distiller, data, recipe, execution, optimizer, scheduler, train_loader, val_loader, history,
+                       start_epoch, checkpoint_path, evaluate_test, on_epoch, on_batch, teacher_logits, replica,
+                       averager)
+    finally:
+        if averager is not None:
+            averager.remove()
+
+
+def _epochs(distiller: Distiller, data: Dataset, recipe: Recipe, execution: Execution,
+            optimizer: torch.optim.Optimizer, scheduler, train_loader: BatchLoader, val_loader: BatchLoader,
+            history: list[EpochResult], start_epoch: int, checkpoint_path: Path | None, evaluate_test: bool,
+            on_epoch: Callable[[EpochResult], None] | None, on_batch: Callable[[int, int], None] | None,
+            teacher_logits: TeacherLogits | None, replica: Replica | None,
+            averager: GradientAverager | None) -> FitResult:
+    """`fit`'s epochs from `start_epoch` on."""
+    device = execution.device
+    steps_per_epoch = len(train_loader)
 
     cache = _teacher_cache(distiller, data, recipe, execution, teacher_logits, train_loader, start_epoch)
     chance = chance_accuracy(data.val.labels)
@@ -211,8 +246,13 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         train_loader.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
-        seen = 0
-        for i, batch in enumerate(train_loader.batches()):
+        seen = 0.0
+        for i, global_batch in enumerate(train_loader.batches()):
+            shard = (replica.shard(global_batch) if replica is not None
+                     else Shard(global_batch, float(len(global_batch.labels))))
+            if averager is not None:
+                averager.scale = shard.gradient_scale
+            batch = shard.batch
             images, labels = batch.images, batch.labels
             step = StepInfo(epoch, recipe.epochs, epoch * steps_per_epoch + i, steps_per_epoch,
                             indices=batch.indices if distiller.wants_indices else None, strong_images=batch.strong,
@@ -220,20 +260,26 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
             logits, losses = train_step(distiller, optimizer, images, labels, step, execution)
             scheduler.step()
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0) + value.detach().float() * labels.numel()
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += labels.numel()
+                sums[name] = sums.get(name, 0) + value.detach().float() * shard.count
+            correct += (logits.detach().argmax(1) == labels).sum() * shard.row_weight
+            seen += shard.count
             if on_batch is not None:
                 on_batch(i + 1, steps_per_epoch)
-        losses_mean = {name: float(total) / seen for name, total in sums.items()}
+        diagnostics = distiller.pop_diagnostics()
+        if replica is not None:  # the epoch's sums over every replica's rows; the state they updated made alike
+            *totals, correct, seen = replica.summed([*sums.values(), correct, torch.tensor(seen, device=device)])
+            sums = dict(zip(sums, totals))
+            replica.average_buffers(distiller)
+            diagnostics = replica.mean_of(diagnostics)
+        losses_mean = {name: float(total) / float(seen) for name, total in sums.items()}
         bad = [name for name, value in losses_mean.items() if not math.isfinite(value)]
         if bad:
             reason = f"non-finite {bad[0]} ({losses_mean[bad[0]]}) in epoch {epoch + 1}"
             return FitResult("diverged", history, reason=reason)
         result = EpochResult(
-            epoch=epoch, losses=losses_mean, train_acc=float(correct) / seen,
-            val_acc=evaluate(distiller.student, val_loader, execution), lr=optimizer.param_groups[0]["lr"],
-            seconds=time.perf_counter() - t0, diagnostics=distiller.pop_diagnostics(),
+            epoch=epoch, losses=losses_mean, train_acc=float(correct) / float(seen),
+            val_acc=evaluate(distiller.student, val_loader, execution, replica), lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - t0, diagnostics=diagnostics,
         )
         at_chance = at_chance + 1 if epoch >= judged_from and result.val_acc <= chance + CHANCE_MARGIN else 0
         if recipe.chance_patience and at_chance >= recipe.chance_patience:
@@ -241,13 +287,13 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
                       f"in a row, up to epoch {epoch + 1}")
             return FitResult("diverged", history, reason=reason)
         history.append(result)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and (replica is None or replica.chief):
             _save(checkpoint_path, epoch + 1, history, distiller, optimizer, scheduler)
         if on_epoch is not None:
             on_epoch(result)
 
-    test_acc = (evaluate(distiller.student, eval_loader(data.test, data, device, execution=execution), execution)
-                if evaluate_test else None)
+    test_acc = (evaluate(distiller.student, eval_loader(data.test, data, device, execution=execution), execution,
+                         replica) if evaluate_test else None)
     return FitResult("completed", history, test_acc=test_acc)
 
 

@@ -60,12 +60,17 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def check_resources(sweep: SweepConfig) -> tuple[float, float]:
-    """The cluster's CPUs and GPUs; a UserError if one trial asks for more than it has."""
+    """The cluster's CPUs and GPUs; a UserError if one trial (all its workers) asks for more than it has."""
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-    if sweep.resources.cpu > cpus:
-        raise UserError(f"resources.cpu is {sweep.resources.cpu} per trial but the Ray cluster has {cpus:g} CPUs; lower it")
-    if sweep.resources.gpu > gpus:
-        raise UserError(f"resources.gpu is {sweep.resources.gpu} per trial but the Ray cluster has {gpus:g} GPUs; "
+    r = sweep.resources
+    trial_cpus, trial_gpus = r.per_trial
+    each = f" ({r.workers} workers × {r.cpu:g})" if r.workers > 1 else ""
+    if trial_cpus > cpus:
+        fix = "lower resources.cpu or resources.workers" if r.workers > 1 else "lower it"
+        raise UserError(f"resources.cpu is {trial_cpus:g} per trial{each} but the Ray cluster has {cpus:g} CPUs; {fix}")
+    if trial_gpus > gpus:
+        each = f" ({r.workers} workers × {r.gpu:g})" if r.workers > 1 else ""
+        raise UserError(f"resources.gpu is {trial_gpus:g} per trial{each} but the Ray cluster has {gpus:g} GPUs; "
                         "set resources.gpu: 0 or add GPU nodes")
     return cpus, gpus

@@ -21,6 +21,7 @@ from kdarena.training.record import Metric, Status
 
 from .checkpoints import heal_state_files, repair
 from .constraints import CostBounds
+from .data_parallel import TrainRunReaper, train_storage
 from .mirror import TRACKING_ERRORS
 from .per_method import MethodStudy, PerMethodASHA, PerMethodSearch
 from .points import POINT, DefineByRun, Describe, final_point
@@ -46,6 +47,12 @@ class Phase:
     bounds: CostBounds | None  # the sweep's constraints, priced on its data
 
     @property
+    def reuse_actors(self) -> bool:
+        """Whether Tune may hand a trial's actor to the next trial: not with data-parallel workers, whose Train run
+        lives as long as the actor that started it (a stopped trial's actor is ended, and its Train run with it)."""
+        return self.sweep.resources.workers == 1
+
+    @property
     def describe(self) -> Describe:
         return Describe(self.sweep.model_dump(mode="json"))
 
@@ -53,8 +60,9 @@ class Phase:
         return MLflowRecorder(self.tracking_uri, self.experiment_id, self.paths.records, phase, self.describe)
 
     def run_config(self, phase: str) -> tune.RunConfig:
+        reaper = [] if self.reuse_actors else [TrainRunReaper(train_storage(self.paths))]
         return tune.RunConfig(name=self.paths.experiment(phase).name, storage_path=str(self.paths.ray),
-                              callbacks=[self.recorder(phase), JsonLoggerCallback()], verbose=0,
+                              callbacks=[self.recorder(phase), JsonLoggerCallback(), *reaper], verbose=0,
                               failure_config=tune.FailureConfig(max_failures=2),
                               # one per trial, and Tune saves its experiment state after each (checkpoints.py)
                               checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
@@ -114,7 +122,7 @@ def search(phase: Phase, warm: dict[str, list[WarmPoint]] | None = None) -> None
     tune.Tuner(
         phase.trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=quota * len(searchers),
-                                    max_concurrent_trials=phase.concurrency, reuse_actors=True),
+                                    max_concurrent_trials=phase.concurrency, reuse_actors=phase.reuse_actors),
         run_config=phase.run_config("trial"),
     ).fit()
     phase.raise_if_interrupted("trial", quota * len(searchers))
@@ -135,7 +143,7 @@ def final_runs(phase: Phase, best: dict[str, dict[str, Any]], seeds: int) -> dic
         tune.Tuner(
             phase.trainable,
             param_space={POINT: tune.grid_search(points)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=phase.concurrency, reuse_actors=True),
+            tune_config=tune.TuneConfig(max_concurrent_trials=phase.concurrency, reuse_actors=phase.reuse_actors),
             run_config=phase.run_config("final"),
         ).fit()
     phase.raise_if_interrupted("final", seeds * len(best))

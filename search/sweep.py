@@ -45,6 +45,7 @@ from kdarena.zoo.errors import UserError
 from . import phases
 from .constraints import LATENCY_MARGIN, CostBounds, Shape, check_students
 from .cluster import check_resources, connect_ray, quiet_tune
+from .data_parallel import run_data_parallel_trial, train_storage, tune_resources
 from .driver_lock import driver_lock
 # DefineByRun and Describe were defined here: Ray's saved state of a sweep started before names them here
 from .points import DefineByRun, Describe  # noqa: F401
@@ -206,7 +207,7 @@ def check_storage(paths: SweepPaths, resume: bool) -> None:
 def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Dataset, ident: dict[str, Any], cache_dir,
          options: SweepOptions, view: View | None, callbacks: Callbacks | None) -> SweepOutcome:
     cpus, _ = check_resources(sweep)
-    concurrency = options.max_concurrent or sweep.max_concurrent or max(1, int(cpus // sweep.resources.cpu))
+    concurrency = options.max_concurrent or sweep.max_concurrent or max(1, int(cpus // sweep.resources.per_trial[0]))
     paths.root.mkdir(parents=True, exist_ok=True)
     (paths.root / SWEEP_FILE).write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
     mlflow.set_tracking_uri(uri)
@@ -240,10 +241,12 @@ def _run(sweep: SweepConfig, raw: Any, paths: SweepPaths, uri: str, data: Datase
                                            Metric.VAL_ACC: teacher.val_acc, Metric.TEST_ACC: teacher.test_acc}
                 records.save()
                 teacher_logits = trials_teacher_logits(sweep, teacher, data, cache_dir, session.notify)
-            trainable = tune.with_resources(
-                tune.with_parameters(run_trial, sweep_doc=sweep.model_dump(mode="json"), data=data,
-                                     teacher_state=teacher_state, teacher_logits=teacher_logits),
-                {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
+            shared = {"sweep_doc": sweep.model_dump(mode="json"), "data": data, "teacher_state": teacher_state,
+                      "teacher_logits": teacher_logits}
+            function = (tune.with_parameters(run_trial, **shared) if sweep.resources.workers == 1 else
+                        tune.with_parameters(run_data_parallel_trial, train_storage=str(train_storage(paths)),
+                                             **shared))
+            trainable = tune.with_resources(function, tune_resources(sweep.resources))
             phase = phases.Phase(sweep, paths, session, trainable, uri, experiment_id, concurrency, options.resume,
                                  CostBounds.of(sweep, Shape.of(data)))
             phases.search(phase, plan_warm_start(sweep, uri, data, ident, records, session.notify))

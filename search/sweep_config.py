@@ -75,8 +75,16 @@ class Budget(Strict):
 
 
 class Resources(Strict):
-    cpu: float = Field(1.0, gt=0, le=1024, description="CPUs per trial (also its torch threads)")
-    gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions share a GPU")
+    cpu: float = Field(1.0, gt=0, le=1024, description="CPUs per trial, per worker with workers > 1 (also its torch "
+                                                        "threads)")
+    gpu: float = Field(0.0, ge=0, description="GPUs per trial, per worker with workers > 1; fractions share a GPU")
+    workers: int = Field(1, ge=1, le=1024, strict=True,
+                         description="data-parallel workers per trial (Ray Train), each with cpu and gpu; 1: none")
+
+    @property
+    def per_trial(self) -> tuple[float, float]:
+        """(CPUs, GPUs) one trial holds, all its workers together."""
+        return self.cpu * self.workers, self.gpu * self.workers
 
 
 class FinalSpec(Strict):
@@ -168,6 +176,21 @@ class SweepConfig(Strict):
         if isinstance(v, list) and (not v or v[0] != "val_acc" or len(set(v)) != len(v) or len(v) > 2):
             raise ValueError("objective is val_acc, or [val_acc, macs] / [val_acc, params] for an accuracy-vs-cost front")
         return v
+
+    @model_validator(mode="after")
+    def _data_parallel(self) -> SweepConfig:
+        workers = self.resources.workers
+        if workers == 1:
+            return self
+        if self.train.batch_size < workers:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) is below resources.workers ({workers}): each "
+                             "worker trains its share of every batch; raise batch_size or lower workers")
+        for method in self.methods:
+            refusal = get_method(method).data_parallel_refusal
+            if refusal:
+                raise ValueError(f"method {method} cannot train data-parallel (resources.workers: {workers}): "
+                                 f"{refusal}; run it in a sweep with resources.workers: 1")
+        return self
 
     @property
     def objectives(self) -> list[tuple[str, str]]:
