@@ -103,9 +103,12 @@ def evaluate(model: nn.Module, loader: BatchLoader, execution: Execution | None 
     was_training = model.training
     model.eval()
     correct = total = 0
+    if replica is not None:
+        loader.keep_rows(replica.rows)  # a streamed split: each replica reads only its rows
     with torch.inference_mode(), execution.autocast():
-        for images, labels in loader:
-            if replica is not None:
+        for batch in loader.batches():
+            images, labels = batch.images, batch.labels
+            if replica is not None and batch.global_size is None:
                 images, labels = replica.rows(images), replica.rows(labels)
             if len(labels):
                 correct += int((model(images).argmax(1) == labels).sum())
@@ -215,6 +218,7 @@ def fit(distiller: Distiller, data: Dataset, recipe: Recipe, *, device: torch.de
         start_epoch, history = _restore(checkpoint_path, distiller, optimizer, scheduler)
     averager = None
     if replica is not None:
+        train_loader.keep_rows(replica.own_rows)  # where it leaves every draw as it is: a streamed split's saving
         replica.broadcast_state(distiller)
         averager = GradientAverager(replica, [optimizer, *distiller.aux_optimizers().values()])
     try:
@@ -236,7 +240,7 @@ def _epochs(distiller: Distiller, data: Dataset, recipe: Recipe, execution: Exec
     device = execution.device
     steps_per_epoch = len(train_loader)
 
-    cache = _teacher_cache(distiller, data, recipe, execution, teacher_logits, train_loader, start_epoch)
+    cache = _teacher_cache(distiller, data, recipe, execution, teacher_logits, train_loader, start_epoch, replica)
     chance = chance_accuracy(data.val.labels)
     judged_from = distiller.classifier_free_epochs(recipe.epochs)  # a hint/FSP stage is at chance by design
     at_chance = _epochs_at_chance(history, chance, judged_from)
@@ -317,12 +321,15 @@ def _epochs_at_chance(history: list[EpochResult], chance: float, judged_from: in
 
 
 def _teacher_cache(distiller: Distiller, data: Dataset, recipe: Recipe, execution: Execution,
-                   given: TeacherLogits | None, loader: BatchLoader, epoch: int) -> TeacherLogits | None:
+                   given: TeacherLogits | None, loader: BatchLoader, epoch: int,
+                   replica: Replica | None) -> TeacherLogits | None:
     """The cached teacher logits this fit hands its method: `given` where computed along this fit's path, else
-    computed now; None where the method or recipe rules a cache out, where no epoch is left from `epoch` on, or where
+    computed now; None where the method or recipe rules a cache out, where no epoch is left from `epoch` on, where a
+    data-parallel replica runs the teacher on its rows (fewer images than the cache's batches: other bits), or where
     the teacher, run on the first training batch of `epoch`, gives other bits than the cache (kernels whose result
     depends on the other images in a batch)."""
-    if epoch >= recipe.epochs or distiller.teacher is None or not cacheable(type(distiller), recipe, data):
+    if (epoch >= recipe.epochs or distiller.teacher is None or not cacheable(type(distiller), recipe, data)
+            or (replica is not None and replica.world_size > 1)):
         return None
     path = logit_path(recipe, execution)
     if given is not None and given.path == path and given.logits.shape == (len(data.train), data.num_classes):

@@ -72,14 +72,21 @@ class Replica:
         one at most (a view: a channels_last batch stays channels_last)."""
         return torch.tensor_split(tensor, self.world_size)[self.rank]
 
+    def own_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of a global training batch this replica trains: its block (`rows`), or all of a batch smaller
+        than the world."""
+        return tensor if len(tensor) < self.world_size else self.rows(tensor)
+
     def shard(self, batch: Batch) -> Shard:
-        """This replica's rows of a global training batch; a batch smaller than the world is trained whole by every
-        replica, each standing for an equal part of it."""
-        size = len(batch.labels)
+        """This replica's rows of a global training batch (`own_rows`; already so where the loader read only them,
+        `batch.global_size`); a batch smaller than the world is trained whole by every replica, each standing for an
+        equal part of it."""
+        size = len(batch.labels) if batch.global_size is None else batch.global_size
         if size < self.world_size:
             return Shard(batch, size / self.world_size)
-        part = Batch(self.rows(batch.images), self.rows(batch.labels), self.rows(batch.indices),
-                     None if batch.strong is None else self.rows(batch.strong))
+        part = batch if batch.global_size is not None else Batch(
+            self.rows(batch.images), self.rows(batch.labels), self.rows(batch.indices),
+            None if batch.strong is None else self.rows(batch.strong))
         rows = len(part.labels)
         return Shard(part, float(rows), rows * self.world_size / size)
 

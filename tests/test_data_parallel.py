@@ -22,9 +22,12 @@ from kdarena.methods.kd import KD
 from kdarena.methods.recipe import Recipe
 from kdarena.methods.replica import Replica
 from kdarena.training.record import Metric, Tag
-from kdarena.zoo.data import load_dataset
+from kdarena.training.build import pair_info
+from kdarena.zoo.augment import RandomResizedCrop
+from kdarena.zoo.data import TreeOptions, load_dataset
+from kdarena.zoo.models import build_model
 
-from helpers import digits_cnn, digits_model, digits_pair
+from helpers import digits_cnn, digits_model, digits_pair, write_tree
 
 # 1,295 training images in batches of 64: the last batch (15) splits 8 / 7, so unequal shards are covered too
 RECIPE = Recipe(epochs=2, batch_size=64, lr=0.05, num_threads=1)
@@ -44,26 +47,40 @@ def _cnn_kd_fit(replica: Replica | None):
     return student
 
 
-def _replica_process(rank: int, world: int, store: str, out: str) -> None:
+def _streamed_mlp_fit(replica: Replica | None, tree: str):
+    """An MLP on a streamed tree with a per-image crop: each replica reads and decodes only its rows."""
+    data = load_dataset("imagefolder", root=tree, tree=TreeOptions(in_memory=False, image_size=16, workers=0))
+    torch.manual_seed(5)
+    student = build_model("mlp", num_classes=3, in_channels=3, input_size=16, hidden=[32])
+    recipe = Recipe(epochs=2, batch_size=8, lr=0.05, num_threads=1, augment=RandomResizedCrop())
+    result = fit(Baseline(student, None, Baseline.Params(), pair_info(student, student, data)), data, recipe,
+                 device=torch.device("cpu"), replica=replica)
+    return student, result
+
+
+def _replica_process(rank: int, world: int, store: str, out: str, tree: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         replica = Replica.of_process_group()
         folder = Path(out)
         mlp, result = _mlp_fit(replica, folder / f"mlp-{rank}.pt")
         cnn = _cnn_kd_fit(replica)
-        torch.save({"mlp": mlp.state_dict(), "cnn": cnn.state_dict(),
+        streamed, streamed_result = _streamed_mlp_fit(replica, tree)
+        torch.save({"mlp": mlp.state_dict(), "cnn": cnn.state_dict(), "streamed": streamed.state_dict(),
                     "history": [(e.losses, e.train_acc, e.val_acc) for e in result.history],
+                    "streamed_history": [(e.losses, e.val_acc) for e in streamed_result.history],
                     "test_acc": result.test_acc}, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_replicas_train_as_one_worker_does(tmp_path):
-    mp.spawn(_replica_process, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    tree = write_tree(tmp_path / "tree", (20, 40))
+    mp.spawn(_replica_process, args=(2, str(tmp_path / "store"), str(tmp_path), str(tree)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     # the replicas end alike, BatchNorm's running statistics included
-    for name in ("mlp", "cnn"):
+    for name in ("mlp", "cnn", "streamed"):
         for key, value in ranks[0][name].items():
             assert torch.equal(value, ranks[1][name][key]), f"{name}.{key} differs between the replicas"
     assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["test_acc"] == ranks[1]["test_acc"]
@@ -78,6 +95,13 @@ def test_two_replicas_train_as_one_worker_does(tmp_path):
         assert abs(losses["loss_ce"] - e.losses["loss_ce"]) < 1e-5
         assert abs(train_acc - e.train_acc) < 1e-6 and val_acc == e.val_acc
     assert ranks[0]["test_acc"] == result.test_acc
+    # streamed, each replica decoding only its rows of every batch (its crops drawn from the images' own seeds): the
+    # one-worker run's steps too
+    alone, result = _streamed_mlp_fit(None, str(tree))
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(ranks[0]["streamed"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for (losses, val_acc), e in zip(ranks[0]["streamed_history"], result.history):
+        assert abs(losses["loss_ce"] - e.losses["loss_ce"]) < 1e-5 and val_acc == e.val_acc
 
 
 # -- a real sweep on a real local Ray: `resources.workers: 2` -------------------------------------------------------

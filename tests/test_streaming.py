@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from kdarena.methods.engine import eval_loader, training_loader
+from kdarena.methods.replica import Replica
 from kdarena.methods.recipe import Recipe
 from kdarena.training.build import build_distiller, make_model
 from kdarena.training.config import DatasetConfig, TrainConfig
 from kdarena.training.logit_store import FOLDER
 from kdarena.training.train_job import load_config_dataset
-from kdarena.zoo.augment import RandomResizedCrop, Strong
+from kdarena.zoo.augment import CropFlip, RandomResizedCrop, Strong
 from kdarena.zoo.data import Split, TreeOptions, load_dataset
 from kdarena.zoo.streaming import FileSplit
 
@@ -91,6 +92,21 @@ def test_per_sample_crops_depend_on_the_seed_and_epoch_alone(mixed_tree):
     held = load_dataset("imagefolder", root=mixed_tree, tree=TreeOptions(in_memory=True, image_size=96))
     assert (held.fingerprint, held.mean, held.std) == (data.fingerprint, data.mean, data.std)
     assert torch.equal(val, torch.cat([x for x, _ in eval_loader(held.val, held, torch.device("cpu"))]))
+
+
+def test_a_replica_reads_only_its_rows_where_no_draw_depends_on_the_others(mixed_tree):
+    data = load_dataset("imagefolder", root=mixed_tree, tree=TreeOptions(in_memory=False, image_size=96))
+    whole = list(_train_loader(data.train, data).batches())
+    for rank in (0, 1):
+        replica = Replica(rank, 2)
+        loader = _train_loader(data.train, data)
+        assert loader.keep_rows(replica.own_rows)  # random_resized_crop: each image's crop is drawn from its seed
+        for full, own in zip(whole, loader.batches(), strict=True):
+            assert own.global_size == len(full.labels)
+            assert torch.equal(own.images, replica.own_rows(full.images))
+            assert torch.equal(own.indices, replica.own_rows(full.indices))
+    # a batched policy draws for the whole batch: every row is read, and the replica selects after
+    assert not _train_loader(data.train, data, augment=CropFlip()).keep_rows(Replica(0, 2).own_rows)
 
 
 def test_auto_streams_a_tree_past_the_memory_budget_and_holds_one_within_it(one_size_tree):

@@ -325,6 +325,7 @@ class Batch:
     labels: torch.Tensor
     indices: torch.Tensor  # each image's position in its split (CRD's memory bank is keyed by it)
     strong: torch.Tensor | None = None  # the same images under the strong view's policy, when one is asked for
+    global_size: int | None = None  # the whole batch's size, where this holds only the rows `keep_rows` selected
 
 
 class BatchLoader:
@@ -373,10 +374,22 @@ class BatchLoader:
         else:
             order = torch.arange(n, device=self.device)
         chunks = [order[start:start + self.batch_size] for start in range(0, n, self.batch_size)]
-        for idx, raw, plain in self._fetch(chunks, augment=True):
+        kept = chunks if self.keep is None else [self.keep(chunk) for chunk in chunks]
+        for chunk, (idx, raw, plain) in zip(chunks, self._fetch(kept, augment=True)):
             strong = self._finish(self.strong.apply(plain, strong_gen)) if self.strong is not None else None
             main = raw if self.augments_in_fetch else self.augment.apply(raw, gen)
-            yield Batch(self._finish(main), self.labels[idx], idx, strong)
+            yield Batch(self._finish(main), self.labels[idx], idx, strong,
+                        None if self.keep is None else len(chunk))
+
+    keep = None  # Callable[[Tensor], Tensor]: the rows of each batch's indices to read, where only they are wanted
+
+    def keep_rows(self, select) -> bool:
+        """Read only `select(indices)` of each batch (a data-parallel replica's rows), where that leaves every
+        random draw as it is: with no augmentation, or one drawn per image from its own seed as it is read; True if
+        so. Otherwise every row is read, and the caller selects."""
+        if self.strong is None and (self.augments_in_fetch or isinstance(self.augment, NoAugment)):
+            self.keep = select
+        return self.keep is not None
 
     @property
     def epoch_seed(self) -> int:
