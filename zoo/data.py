@@ -35,7 +35,7 @@ import torch
 
 from .augment import CropFlip, NoAugment, Policy, default_policy
 from .errors import UserError
-from .image_tree import TreeOptions, memory_budget_bytes
+from .image_tree import TreeOptions, memory_budget_bytes, sampled_stats
 
 if TYPE_CHECKING:
     from .streaming import FileSplit
@@ -106,7 +106,7 @@ class _Loaded:
     augment: Policy
     label: str
     fingerprint: str | None = None  # None: computed from the tensors
-    sampled_stats: bool = False  # mean and std over a seeded sample of the training split (`sampled_stats`)
+    stats_from_sample: bool = False  # mean and std over a seeded sample of the training split (`sampled_stats`)
 
 
 def content_fingerprint(train: Split, test: Split, classes: list[str]) -> str:
@@ -244,7 +244,7 @@ def _imagefolder(root: Path, options: TreeOptions) -> _Loaded:
     else:
         splits = [Split(decode_all(index, size), index.labels) for index in (train, test)]
     # every image's identity is in the fingerprint; the size it is read at, in the name of the data
-    return _Loaded(splits[0], splits[1], classes, default_policy(size), label, fingerprint, sampled_stats=True)
+    return _Loaded(splits[0], splits[1], classes, default_policy(size), label, fingerprint, stats_from_sample=True)
 
 
 _LOADERS = {
@@ -283,7 +283,7 @@ def load_dataset(name: str, *, root: str | Path | None = None, val_fraction: flo
     n_val = max(1, math.floor(len(full_train) * val_fraction))
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
     train, val = full_train.subset(train_idx), full_train.subset(val_idx)
-    mean, std = sampled_stats(train, split_seed) if loaded.sampled_stats else channel_stats(train.images)
+    mean, std = sampled_stats(train, split_seed) if loaded.stats_from_sample else channel_stats(train.images)
     return Dataset(name, train, val, test, len(loaded.classes), loaded.augment, mean, std, fingerprint,
                    label or loaded.label, tuple(loaded.classes))
 
@@ -292,31 +292,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     """Per-channel mean and standard deviation of uint8 images, in [0, 1] pixel units."""
     pixels = images.to(torch.float64) / 255.0
     return tuple(pixels.mean(dim=(0, 2, 3)).tolist()), tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-
-
-# images an image tree's statistics are measured on: enough for 3-4 significant digits, and one decode pass of a
-# streamed tree's sample costs seconds, not the epoch a full pass of ImageNet would
-STATS_SAMPLE = 10_000
-
-
-def sampled_stats(split: Split | FileSplit, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation over a seeded sample of `STATS_SAMPLE` images (all, if fewer), the
-    same numbers whether the split is held in memory or streamed."""
-    from .streaming import loader_for
-
-    pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE].sort().values
-    channels = split.image_shape[0]
-    zero, one = (0.0,) * channels, (1.0,) * channels
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
-    for images, _ in loader_for(split.subset(pick), batch_size=256, mean=zero, std=one):
-        pixels = images.to(torch.float64)
-        total += pixels.sum(dim=(0, 2, 3))
-        squares += pixels.square().sum(dim=(0, 2, 3))
-    count = len(pick) * split.image_shape[1] * split.image_shape[2]
-    mean = total / count
-    var = ((squares - count * mean.square()) / max(1, count - 1)).clamp_min(0)
-    return tuple(mean.tolist()), tuple(var.sqrt().clamp_min(1e-3).tolist())
 
 
 @dataclass
