@@ -3,7 +3,9 @@ memory budget that decides, and the mistakes a user can make with the options.""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from kdarena.training.logit_store import FOLDER
 from kdarena.training.train_job import load_config_dataset
 from kdarena.zoo.augment import CropFlip, RandomResizedCrop, Strong
 from kdarena.zoo.data import Split, TreeOptions, load_dataset
+from kdarena.zoo.errors import UserError
 from kdarena.zoo.streaming import FileSplit
 
 from helpers import assert_resumed_exactly, cli_train, uninterrupted_and_resumed, write_tree
@@ -71,6 +74,26 @@ def test_a_one_size_tree_streams_to_the_very_batches_it_gives_in_memory(one_size
         assert torch.equal(a, b)
     windows = [(w.indices, w.images) for w in _train_loader(streamed.train, streamed).windows()]
     assert [i.tolist() for i, _ in windows] == [w.indices.tolist() for w in _train_loader(held.train, held).windows()]
+
+
+def test_a_tar_of_a_tree_is_read_in_place_as_the_tree_itself(one_size_tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    archive = tmp_path / "one-size.tar"
+    with tarfile.open(archive, "w") as tar:
+        for split in ("train", "test"):
+            tar.add(one_size_tree / split, arcname=split)
+    folder = load_dataset("imagefolder", root=one_size_tree, tree=TreeOptions(in_memory=False, workers=0))
+    for in_memory in (False, True):
+        packed = load_dataset("imagefolder", root=archive, tree=TreeOptions(in_memory=in_memory, workers=2))
+        assert (packed.fingerprint, packed.mean, packed.std) == (folder.fingerprint, folder.mean, folder.std)
+        assert torch.equal(_epoch(_loader(packed), 2)[0], _epoch(_loader(folder), 2)[0])
+    assert not (tmp_path / "home" / ".cache" / "kdarena" / "data" / "extracted").exists()  # nothing unpacked
+    # a member that would land outside the tree is refused as when unpacking, and nothing is read
+    with tarfile.open(archive, "a") as tar:
+        evil = tarfile.TarInfo("train/ant/../../../evil.jpg")
+        tar.addfile(evil, io.BytesIO(b""))
+    with pytest.raises(UserError, match="is refused: member 'train/ant/../../../evil.jpg' would be written outside"):
+        load_dataset("imagefolder", root=archive, tree=TreeOptions(in_memory=False))
 
 
 def test_per_sample_crops_depend_on_the_seed_and_epoch_alone(mixed_tree):

@@ -217,22 +217,25 @@ def _torchvision(name: str, root: Path, download: bool) -> _Loaded:
 
 def _imagefolder(root: Path, options: TreeOptions) -> _Loaded:
     """Any `train/<class>/*` + `test/<class>/*` tree, or a .tar/.tar.gz of one: held in memory or streamed."""
-    from .image_tree import decode, decode_all, extract, index_tree
+    from .image_tree import decode, decode_all, extract, index_archive, index_tree, is_plain_tar
     from .streaming import FileSplit
 
     label = root.resolve().name.split(".")[0] if root.is_file() else root.resolve().name
-    if root.is_file() and tarfile.is_tarfile(root):
-        root = extract(root, default_root())
-    missing = [s for s in ("train", "test") if not (root / s).is_dir()]
-    if missing:
-        raise UserError(
-            f"dataset 'imagefolder' needs {root}/train/<class>/* and {root}/test/<class>/*; "
-            f"missing: {', '.join(missing)}. Set dataset.root to such a folder (or a .tar.gz of one)"
-        )
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"dataset 'imagefolder': no class folders in {root / 'train'}")
-    train, test = index_tree(root / "train", classes), index_tree(root / "test", classes)
+    if root.is_file() and is_plain_tar(root):  # read in place, nothing unpacked
+        classes, train, test = index_archive(root, default_root())
+    else:
+        if root.is_file() and tarfile.is_tarfile(root):  # compressed: no member can be read at an offset
+            root = extract(root, default_root())
+        missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+        if missing:
+            raise UserError(
+                f"dataset 'imagefolder' needs {root}/train/<class>/* and {root}/test/<class>/*; "
+                f"missing: {', '.join(missing)}. Set dataset.root to such a folder (or a .tar/.tar.gz of one)"
+            )
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        if not classes:
+            raise UserError(f"dataset 'imagefolder': no class folders in {root / 'train'}")
+        train, test = index_tree(root / "train", classes), index_tree(root / "test", classes)
     size = options.image_size or min(decode(train.files[0]).shape[-2:])
     fingerprint = hashlib.sha256("\n".join(["imagefolder", *classes, train.sha256, test.sha256]).encode()).hexdigest()
     decoded_bytes = len(train.files) * 3 * size * size

@@ -37,10 +37,27 @@ INDEX_FILE = ".kdarena-index.pt"
 class TreeIndex:
     """One split's files in label order, their labels, and the sha256 of their bytes and labels."""
 
-    files: tuple[str, ...]  # absolute paths
+    files: tuple[str, ...]  # where each image's bytes are (`read_bytes`): an absolute path, or a member of a .tar
     labels: torch.Tensor  # int64
     sha256: str
     stat_key: str  # names, sizes and modification times: what a cache of this split is valid for
+    decoded: Path  # where the split decoded at one size is kept (`decode_all`)
+
+
+# a member of an uncompressed .tar, read in place: "tar:OFFSET:SIZE:ARCHIVE" (a file's location is an absolute path)
+MEMBER = "tar:"
+
+
+def read_bytes(location: str) -> torch.Tensor:
+    """The bytes of one image, from its file or from its span of a .tar, as a uint8 tensor."""
+    if not location.startswith(MEMBER):
+        from torchvision.io import read_file
+
+        return read_file(location)
+    offset, size, archive = location[len(MEMBER):].split(":", 2)
+    with open(archive, "rb") as f:
+        f.seek(int(offset))
+        return torch.frombuffer(bytearray(f.read(int(size))), dtype=torch.uint8)
 
 
 def index_tree(folder: Path, classes: list[str]) -> TreeIndex:
@@ -56,24 +73,81 @@ def index_tree(folder: Path, classes: list[str]) -> TreeIndex:
     record = folder / INDEX_FILE
     saved = _read(record)
     if isinstance(saved, dict) and saved.get("stat_key") == stat_key and isinstance(saved.get("sha256"), str):
-        return TreeIndex(files, labels, saved["sha256"], stat_key)
-    digest = hashlib.sha256()
-    for (c, path) in found:
-        digest.update(f"{c}:".encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    sha = digest.hexdigest()
+        return TreeIndex(files, labels, saved["sha256"], stat_key, folder / DECODED_FILE)
+    sha = _content_sha256(labels.tolist(), files)
     _write(record, {"stat_key": stat_key, "sha256": sha})
-    return TreeIndex(files, labels, sha, stat_key)
+    return TreeIndex(files, labels, sha, stat_key, folder / DECODED_FILE)
 
 
-def decode(path: str, size: int | None = None) -> torch.Tensor:
-    """One file as uint8 RGB (3×H×W), fitted to `size`×`size` when a size is given."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+DECODED_FILE = ".kdarena-decoded.pt"
+
+
+def _content_sha256(labels: list[int], files: tuple[str, ...]) -> str:
+    """What identifies a split: each image's label and the sha256 of its bytes, in order."""
+    digest = hashlib.sha256()
+    for label, location in zip(labels, files):
+        digest.update(f"{label}:".encode())
+        digest.update(hashlib.sha256(read_bytes(location).numpy().tobytes()).digest())
+    return digest.hexdigest()
+
+
+def is_plain_tar(path: Path) -> bool:
+    """An uncompressed .tar: its members can be read in place, at their offsets."""
+    try:
+        with tarfile.open(path, "r:"):
+            return True
+    except (tarfile.TarError, OSError):
+        return False
+
+
+def index_archive(archive: Path, under: Path) -> tuple[list[str], TreeIndex, TreeIndex]:
+    """An uncompressed .tar of a tree read in place, nothing unpacked: its classes, then its train and test splits,
+    each image located by its span in the archive. A member that would land outside the tree if unpacked is refused
+    as `extract` refuses it. The index is kept under `under`, keyed by the archive's path, size and modification
+    time."""
+    stat = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = under / "archives" / f"{archive.name.split('.')[0]}-{key}"
+    images: dict[str, dict[str, list[tuple[str, str]]]] = {"train": {}, "test": {}}
+    with tarfile.open(archive, "r:") as tar:
+        for member in tar:
+            try:
+                _inside_only(member, str(folder))
+            except tarfile.FilterError as exc:
+                raise _refused(archive, exc) from None
+            parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            if member.isfile() and len(parts) == 3 and parts[0] in images and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
+                location = f"{MEMBER}{member.offset_data}:{member.size}:{archive.resolve()}"
+                images[parts[0]].setdefault(parts[1], []).append((parts[2], location))
+    classes = sorted(images["train"])
+    if not classes or not images["test"]:
+        raise UserError(f"dataset 'imagefolder': {archive} holds no train/<class>/* and test/<class>/* images; pass "
+                        "a .tar of a folder with train/ and test/")
+    splits = []
+    for split in ("train", "test"):
+        found = [(c, location) for c, name in enumerate(classes) for _, location in sorted(images[split].get(name, []))]
+        files = tuple(location for _, location in found)
+        labels = torch.tensor([c for c, _ in found], dtype=torch.int64)
+        record = folder / f"{split}-index.pt"
+        saved = _read(record)
+        if isinstance(saved, dict) and saved.get("files") == list(files) and isinstance(saved.get("sha256"), str):
+            sha = saved["sha256"]
+        else:
+            sha = _content_sha256(labels.tolist(), files)
+            folder.mkdir(parents=True, exist_ok=True)
+            _write(record, {"files": list(files), "sha256": sha})
+        splits.append(TreeIndex(files, labels, sha, f"{key}:{split}", folder / f"{split}-decoded.pt"))
+    return classes, splits[0], splits[1]
+
+
+def decode(location: str, size: int | None = None) -> torch.Tensor:
+    """One image as uint8 RGB (3×H×W), fitted to `size`×`size` when a size is given."""
+    from torchvision.io import ImageReadMode, decode_image
 
     try:
-        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        image = decode_image(read_bytes(location), mode=ImageReadMode.RGB)
     except RuntimeError as exc:
-        raise UserError(f"dataset 'imagefolder': {path} cannot be decoded ({str(exc).splitlines()[0][:200]}); "
+        raise UserError(f"dataset 'imagefolder': {location} cannot be decoded ({str(exc).splitlines()[0][:200]}); "
                         "remove or replace it") from None
     return image if size is None else fit(image, size)
 
@@ -88,9 +162,8 @@ def fit(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def decode_all(index: TreeIndex, size: int) -> torch.Tensor:
-    """Every image of a split decoded at `size`, cached beside them by the split's file stats and the size."""
-    folder = Path(index.files[0]).parent.parent
-    cache = folder / ".kdarena-decoded.pt"
+    """Every image of a split decoded at `size`, cached (`index.decoded`) by the split's file stats and the size."""
+    cache = index.decoded
     key = f"{index.stat_key}:{size}"
     saved = _read(cache)
     if isinstance(saved, dict) and saved.get("key") == key:
@@ -154,9 +227,7 @@ def extract(archive: Path, under: Path) -> Path:
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, tarfile.FilterError):
-                raise UserError(f"dataset 'imagefolder': {archive} is refused: member {exc.tarinfo.name!r} "
-                                f"{_FILTER_REASONS.get(type(exc), 'is not a plain file or folder')}; an image tree "
-                                "archive holds only train/ and test/ with plain files") from None
+                raise _refused(archive, exc) from None
             raise UserError(f"dataset 'imagefolder': {archive} cannot be unpacked ({type(exc).__name__}: {exc}); "
                             "pass an intact .tar/.tar.gz or the extracted folder") from None
         (tmp / ".complete").touch()
@@ -172,6 +243,12 @@ _FILTER_REASONS = {
     tarfile.LinkOutsideDestinationError: "is a link that points outside the extraction folder",
     tarfile.SpecialFileError: "is a device or other special file",
 }
+
+
+def _refused(archive: Path, exc: tarfile.FilterError) -> UserError:
+    return UserError(f"dataset 'imagefolder': {archive} is refused: member {exc.tarinfo.name!r} "
+                     f"{_FILTER_REASONS.get(type(exc), 'is not a plain file or folder')}; an image tree archive holds "
+                     "only train/ and test/ with plain files")
 
 
 def _inside_only(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:

@@ -28,7 +28,7 @@ import torch
 
 from .augment import LARGE_IMAGE_SIZE, NoAugment, Policy
 from .data import BatchLoader
-from .image_tree import decode, fit
+from .image_tree import decode, fit, read_bytes
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,7 @@ class _Files(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int | None]):
         index, seed = item
         if self.raw:
-            from torchvision.io import read_file
-
-            return read_file(self.split.files[index]), seed
+            return read_bytes(self.split.files[index]), seed
         return _views(decode(self.split.files[index]), seed, self.policy, self.split.image_size, self.want_plain)
 
 
