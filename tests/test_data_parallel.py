@@ -104,6 +104,26 @@ def test_two_replicas_train_as_one_worker_does(tmp_path):
         assert abs(losses["loss_ce"] - e.losses["loss_ce"]) < 1e-5 and val_acc == e.val_acc
 
 
+def _nccl_replica_process(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.cuda.set_device(rank)
+        student = digits_model("mlp", 3, hidden=[32, 16])
+        fit(Baseline(student, None, Baseline.Params(), digits_pair(student, student)), load_dataset("digits"), RECIPE,
+            device=torch.device("cuda", rank), replica=Replica.of_process_group())
+        torch.save({k: v.cpu() for k, v in student.state_dict().items()}, Path(out) / f"nccl{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per replica: fewer than 2 here")
+def test_two_nccl_replicas_on_two_gpus_end_alike(tmp_path):
+    mp.spawn(_nccl_replica_process, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"nccl{r}.pt", weights_only=True) for r in range(2)]
+    assert all(torch.equal(value, ranks[1][key]) for key, value in ranks[0].items())
+
+
 # -- a real sweep on a real local Ray: `resources.workers: 2` -------------------------------------------------------
 
 SWEEP = {

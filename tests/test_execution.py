@@ -158,3 +158,21 @@ def test_on_cuda_a_streamed_jpeg_tree_decodes_on_the_gpu_and_resumes_exactly(tmp
     full, resumed = uninterrupted_and_resumed(make, data, recipe, tmp_path, execution=Execution.default(cuda))
     assert full.status == "completed" and len(full.history) == 2
     assert_resumed_exactly(full, resumed)
+
+
+@pytest.mark.gpu
+def test_on_cuda_small_streamed_jpegs_decode_in_workers_into_pinned_batches_as_held_ones(tmp_path):
+    from kdarena.zoo.data import TreeOptions, load_dataset
+    from kdarena.zoo.streaming import loader_for
+
+    root = write_tree(tmp_path / "tree", (24, 24))
+    cuda = torch.device("cuda")
+    epochs = []
+    for in_memory in (True, False):
+        data = load_dataset("imagefolder", root=root, tree=TreeOptions(in_memory=in_memory, workers=2))
+        loader = loader_for(data.train, batch_size=8, mean=data.mean, std=data.std, device=cuda, shuffle=True,
+                            augment=data.augment, seed=4, channels_last=True, persistent=True)
+        assert in_memory or not loader.decode_on_device  # small JPEGs: CPU workers, then pinned, then copied
+        loader.set_epoch(2)
+        epochs.append(torch.cat([b.images for b in loader.batches()]))
+    assert epochs[1].is_cuda and torch.equal(*epochs)  # crop + flip drawn on the GPU from the same generator
