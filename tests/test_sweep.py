@@ -528,3 +528,22 @@ def test_every_registered_method_completes_a_trial_and_ranks(local_ray, tmp_path
     assert not at.exception
     [table] = [df for df in at.dataframe if "method" in df.value.columns]
     assert sorted(table.value["method"]) == sorted(METHODS)
+
+
+@pytest.mark.gpu
+def test_trials_holding_half_a_gpu_each_share_one_gpu_at_once(tmp_path):
+    """`resources.gpu: 0.5`: Ray Tune runs two trials at once on one GPU, each training on it to the end."""
+    doc = {"name": "halves", "dataset": {"name": "digits"},
+           "teacher": {"arch": "cnn", "options": {"channels": 16}, "recipe": {"epochs": 1}},
+           "students": [{"arch": "cnn", "options": {"channels": 8}}], "methods": {"kd": {}},
+           "budget": {"trials_per_method": 2, "epochs": 4, "early_stopping": False},
+           "resources": {"cpu": 1, "gpu": 0.5}, "final": {"seeds": 0}}
+    env = os.environ | {"KDARENA_CACHE": str(tmp_path / "cache"),
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "kdarena"), "sweep", str(_write(tmp_path / "h.yaml", doc)),
+                           "--max-concurrent", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = list(_records(tmp_path / "kdarena-sweeps" / "halves")["trials"].values())
+    assert [r["status"] for r in trials] == ["completed", "completed"]
+    (a_start, a_end), (b_start, b_end) = [(r["started"] * 1000, r["history"][-1]["ts_ms"]) for r in trials]
+    assert a_start < b_end and b_start < a_end  # the two ran at the same time: half a GPU each
