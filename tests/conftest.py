@@ -30,14 +30,21 @@ def digits():
     return load_dataset("digits")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def local_ray():
-    """A real local Ray of 2 CPUs for the tests of one module."""
-    import ray
+    """A real local Ray of 2 CPUs: the session's (`helpers.shared_ray`)."""
+    from helpers import shared_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    shared_ray()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shut_down_the_shared_ray():
     yield
-    ray.shutdown()
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture()

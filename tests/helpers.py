@@ -357,13 +357,20 @@ class MlflowServer:
         self.proc = None
 
 
+def shared_ray() -> None:
+    """The test session's local Ray of 2 CPUs, started by the first test that needs it and shut down at the end of
+    the session (`conftest.py`): each start costs seconds, and its workers' imports of torch more."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
 @contextmanager
 def sweep_workspace(work: Path) -> Iterator[str]:
     """`work` as a private place to run sweeps: its own teacher cache and MLflow store (the tracking URI yielded),
-    the working directory, and a local Ray of 2 CPUs; all put back afterwards."""
+    the working directory, and the session's local Ray (`shared_ray`); all but Ray put back afterwards."""
     import os
-
-    import ray
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {"KDARENA_CACHE": str(work / "cache"), "MLFLOW_TRACKING_URI": uri}
@@ -371,11 +378,10 @@ def sweep_workspace(work: Path) -> Iterator[str]:
     os.environ.update(env)
     cwd = Path.cwd()
     os.chdir(work)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    shared_ray()
     try:
         yield uri
     finally:
-        ray.shutdown()
         os.chdir(cwd)
         for k, v in saved.items():
             if v is None:

@@ -51,6 +51,8 @@ def _refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc: dict):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("KDARENA_CACHE", str(tmp_path / "cache"))
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    if ray.is_initialized():  # the session's (`helpers.shared_ray`): down, so that a Ray this sweep started shows
+        ray.shutdown()
     result = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml")])
     assert result.exit_code == 2, result.output
     # before any work: no Ray, no teacher trained, no MLflow store, no trial

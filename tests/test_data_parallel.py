@@ -136,13 +136,13 @@ SWEEP = {
 }
 
 
-def _train_workers(marker: str) -> set[int]:
-    """Pids of the Ray Train workers of the Ray this test started (their environment holds `marker`)."""
+def _train_workers() -> set[int]:
+    """Pids of the Ray Train workers on this machine: this module's sweep is the only one of the session's Ray (and
+    of the suite) that starts any."""
     pids = set()
     for proc in Path("/proc").iterdir():
         try:
-            if (proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker")
-                    and marker.encode() in (proc / "environ").read_bytes()):
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
                 pids.add(int(proc.name))
         except OSError:
             continue
@@ -151,8 +151,7 @@ def _train_workers(marker: str) -> set[int]:
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
-    """A one-worker and a two-worker sweep of the same file in one store; a Train worker of the two-worker sweep's
-    trial SIGKILLed once it has reported an epoch."""
+    """A two-worker sweep; a Train worker of its trial SIGKILLed once it has reported an epoch."""
     from helpers import sweep_workspace
 
     from kdarena.search.sweep import run_sweep
@@ -162,8 +161,6 @@ def sweeps(tmp_path_factory):
     out: dict = {"work": work}
     with sweep_workspace(work) as uri:
         out["uri"] = uri
-        one = SWEEP | {"name": "one"}
-        out["one"] = run_sweep(parse_sweep(one, "one.yaml"), one).paths.root
         two = SWEEP | {"name": "two", "resources": {"cpu": 1, "workers": 2}}
         root = work / "kdarena-sweeps" / "two"
         seen: set[int] = set()
@@ -175,7 +172,7 @@ def sweeps(tmp_path_factory):
                 trials = json.loads(records.read_text())["trials"] if records.exists() else {}
                 running = [(k, r) for k, r in trials.items()
                            if r["status"] == "running" and r.get("last_result", {}).get("epoch", 0) >= 1]
-                workers = _train_workers(str(work))
+                workers = _train_workers()
                 seen.update(workers)
                 if running and workers and "killed" not in out:
                     pid = max(workers)
@@ -200,13 +197,15 @@ def _trials(root: Path) -> dict:
     return json.loads((root / "records.json").read_text())["trials"]
 
 
-def test_a_two_worker_sweep_records_what_a_one_worker_sweep_does(sweeps):
-    client = MlflowClient(sweeps["uri"])
-
-    def shapes(root: Path) -> set:
-        """Each trial's record and MLflow run, less their values."""
+def test_a_two_worker_sweep_records_what_a_one_worker_sweep_does(sweeps, swept_store):
+    """The two-worker kd trial against the one-worker kd trials of the session's sweep that ran all 3 epochs."""
+    def shapes(root: Path, uri: str) -> set:
+        """Each completed kd trial's record and MLflow run, less their values."""
+        client = MlflowClient(uri)
         out = set()
         for r in _trials(root).values():
+            if r["method"] != "kd" or r["phase"] != "trial" or r["status"] != "completed":
+                continue
             run = client.get_run(r["run_id"])
             out.add((tuple(r), r["status"], tuple(h["epoch"] for h in r["history"]), tuple(r["last_result"]),
                      tuple(r["history"][0]), run.info.status, run.data.tags[Tag.STATUS], tuple(sorted(run.data.metrics)),
@@ -214,9 +213,9 @@ def test_a_two_worker_sweep_records_what_a_one_worker_sweep_does(sweeps):
                      tuple(m.step for m in client.get_metric_history(r["run_id"], Metric.VAL_ACC))))
         return out
 
-    assert len(_trials(sweeps["one"])) == len(_trials(sweeps["two"])) == 1
-    one = shapes(sweeps["one"])
-    assert one == shapes(sweeps["two"])
+    assert len(_trials(sweeps["two"])) == 1
+    one = shapes(swept_store["sweep_dir"], swept_store["tracking_uri"])
+    assert one == shapes(sweeps["two"], sweeps["uri"])
     assert {(s[1], s[2], s[6]) for s in one} == {("completed", (1, 2, 3), "completed")}
     assert not any((sweeps["two"] / "ray" / "train").iterdir())  # no Train run left behind
     assert sweeps["groups_left"] == []  # nor its workers' CPUs held

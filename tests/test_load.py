@@ -1,9 +1,9 @@
-"""Load: a sweep of 100 short trials at concurrency 2, its records, MLflow, leaderboard and dashboard.
+"""Load: a sweep of 50 short trials at concurrency 2, its records, MLflow, leaderboard and dashboard.
 
 Prints the driver's peak memory and the per-trial scheduling overhead
 (wall time per trial beyond the trial's own training), the figures the
 README reports; run with `-s` to see them (`KDARENA_LOAD_TRIALS=200`, the
-README's figures, for another count: the suite keeps 100 for its time budget).
+README's figures, for another count: the suite keeps 50 for its time budget).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 
 import kdarena.dashboard
 
-TRIALS = int(os.environ.get("KDARENA_LOAD_TRIALS", "100"))
+TRIALS = int(os.environ.get("KDARENA_LOAD_TRIALS", "50"))
 LOAD = {
     "name": "load",
     "dataset": {"name": "digits"},

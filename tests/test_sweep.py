@@ -18,6 +18,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from helpers import shared_ray
+
 from kdarena.cli.app import app
 from kdarena.search.export import pareto_front
 
@@ -42,8 +44,9 @@ def _records(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small_sweep(local_ray, tmp_path_factory):
+def small_sweep(tmp_path_factory):
     """One real sweep shared by the tests that read its results."""
+    shared_ray()
     work = tmp_path_factory.mktemp("sweep")
     old = Path.cwd()
     os.chdir(work)

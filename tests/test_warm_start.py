@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from streamlit.testing.v1 import AppTest
@@ -24,6 +23,7 @@ from kdarena.search.warm_start import point_of_run, warm_points
 from kdarena.training.record import Param, Tag
 
 from conftest import SWEPT
+from helpers import shared_ray
 
 APP = str(Path(kdarena.dashboard.__file__).with_name("app.py"))
 SECOND = {**SWEPT, "name": "second", "methods": {"baseline": {}, "kd": {"space": {"temperature": [2, 3]}}},
@@ -44,11 +44,8 @@ def known_store(swept_store, tmp_path, monkeypatch):
 
 def _sweep(tmp_path: Path, doc: dict) -> CliRunner:
     (tmp_path / f"{doc['name']}.yaml").write_text(yaml.safe_dump(doc))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
-    try:
-        return CliRunner().invoke(app, ["sweep", f"{doc['name']}.yaml"], catch_exceptions=False)
-    finally:
-        ray.shutdown()
+    shared_ray()
+    return CliRunner().invoke(app, ["sweep", f"{doc['name']}.yaml"], catch_exceptions=False)
 
 
 def _runs_of(uri: str, sweep: str | None) -> list:
