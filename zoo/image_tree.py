@@ -44,7 +44,8 @@ class TreeIndex:
     decoded: Path  # where the split decoded at one size is kept (`decode_all`)
 
 
-# a member of an uncompressed .tar, read in place: "tar:OFFSET:SIZE:ARCHIVE" (a file's location is an absolute path)
+# a member of an uncompressed .tar, read in place: "tar:OFFSET:SIZE:ARCHIVE\0NAME" (a file's location is an absolute
+# path; no path holds a NUL, and the member's name ends the location as a file's name ends its path)
 MEMBER = "tar:"
 
 
@@ -54,7 +55,8 @@ def read_bytes(location: str) -> torch.Tensor:
         from torchvision.io import read_file
 
         return read_file(location)
-    offset, size, archive = location[len(MEMBER):].split(":", 2)
+    offset, size, rest = location[len(MEMBER):].split(":", 2)
+    archive = rest.split("\0", 1)[0]
     with open(archive, "rb") as f:
         f.seek(int(offset))
         return torch.frombuffer(bytearray(f.read(int(size))), dtype=torch.uint8)
@@ -117,7 +119,7 @@ def index_archive(archive: Path, under: Path) -> tuple[list[str], TreeIndex, Tre
                 raise _refused(archive, exc) from None
             parts = [p for p in member.name.split("/") if p not in ("", ".")]
             if member.isfile() and len(parts) == 3 and parts[0] in images and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
-                location = f"{MEMBER}{member.offset_data}:{member.size}:{archive.resolve()}"
+                location = f"{MEMBER}{member.offset_data}:{member.size}:{archive.resolve()}\0{parts[2]}"
                 images[parts[0]].setdefault(parts[1], []).append((parts[2], location))
     classes = sorted(images["train"])
     if not classes or not images["test"]:
@@ -147,7 +149,8 @@ def decode(location: str, size: int | None = None) -> torch.Tensor:
     try:
         image = decode_image(read_bytes(location), mode=ImageReadMode.RGB)
     except RuntimeError as exc:
-        raise UserError(f"dataset 'imagefolder': {location} cannot be decoded ({str(exc).splitlines()[0][:200]}); "
+        where = location.replace("\0", " member ")
+        raise UserError(f"dataset 'imagefolder': {where} cannot be decoded ({str(exc).splitlines()[0][:200]}); "
                         "remove or replace it") from None
     return image if size is None else fit(image, size)
 
