@@ -320,7 +320,7 @@ class BatchLoader:
                  device: torch.device | str = "cpu", shuffle: bool = False, augment: Policy | None = None,
                  seed: int = 0, channels_last: bool = False, strong: Policy | None = None):
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
+        self._hold(split)
         self.labels = split.labels.to(self.device)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -328,10 +328,14 @@ class BatchLoader:
         self.strong = strong
         self.seed = seed
         self.channels_last = channels_last
-        c = self.images.shape[1]
+        c = split.image_shape[0]
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.epoch = 0
+
+    def _hold(self, split) -> None:
+        """Keep what batches are made from: the split's images, on the device once."""
+        self.images = split.images.to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

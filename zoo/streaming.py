@@ -20,13 +20,12 @@ same path on every node.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
-from .augment import LARGE_IMAGE_SIZE, NoAugment, Policy
+from .augment import LARGE_IMAGE_SIZE, Policy
 from .data import BatchLoader
 from .image_tree import decode, fit, read_bytes
 
@@ -121,24 +120,19 @@ class StreamLoader(BatchLoader):
                  device: torch.device | str = "cpu", shuffle: bool = False, augment: Policy | None = None,
                  seed: int = 0, channels_last: bool = False, strong: Policy | None = None, persistent: bool = False,
                  decode_on_device: bool | None = None):
-        self.device = torch.device(device)
+        super().__init__(split, batch_size=batch_size, mean=mean, std=std, device=device, shuffle=shuffle,
+                         augment=augment, seed=seed, channels_last=channels_last, strong=strong)
         if decode_on_device is None:  # measured (benchmarks/streaming.py, README): the GPU wins on large JPEGs only
             decode_on_device = (self.device.type == "cuda" and split.image_size >= LARGE_IMAGE_SIZE
                                 and all(f.lower().endswith(JPEG) for f in split.files))
         self.decode_on_device = decode_on_device
-        self.split = split
-        self.labels = split.labels.to(self.device)
-        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
-        self.augment, self.strong, self.channels_last = augment or NoAugment(), strong, channels_last
         self.augments_in_fetch = self.augment.per_sample
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.persistent = persistent and split.workers > 0
         self._plan = _Plan()
         self._loader: torch.utils.data.DataLoader | None = None
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.split) / self.batch_size)
+    def _hold(self, split: FileSplit) -> None:
+        self.split = split  # its files are read batch by batch, never held
 
     def _fetch(self, chunks: list[torch.Tensor], augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         seeded = augment and self.augments_in_fetch
